@@ -1,0 +1,43 @@
+# churn-stream: `make run` starts the stack, `make test` runs the whole suite.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+JARS   := tests/kafka/target/jars
+
+.DEFAULT_GOAL := help
+.PHONY: help run test test-fast lint bench kafka-jars clean
+
+help:  ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+run: $(STAMP)  ## Create the virtualenv and start the whole stack (Ctrl-C stops it).
+	$(BIN)/churn up $(ARGS)
+
+kafka-jars:  ## Resolve Apache Kafka's jars for the test broker (cached in ~/.m2).
+	@if command -v mvn >/dev/null && command -v java >/dev/null; then \
+		mvn -q -B -f tests/kafka/pom.xml dependency:copy-dependencies; \
+	else echo "no java/mvn: tests fall back to the embedded Tansu broker"; fi
+
+test: $(STAMP) kafka-jars  ## Install what the tests need and run the whole suite.
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## The suite without the slow end-to-end tests.
+	$(BIN)/python -m pytest -m "not slow and not faults"
+
+lint: $(STAMP)  ## Lint and check formatting.
+	$(BIN)/ruff check .
+
+bench: $(STAMP)  ## Run the benchmarks; writes bench/results.md.
+	$(BIN)/python -m bench
+
+clean:  ## Remove the virtualenv, caches and the local database.
+	rm -rf $(VENV) .pytest_cache .ruff_cache data tests/kafka/target

@@ -1,0 +1,159 @@
+"""``churn up``: the whole stack on one machine, each service a child process.
+
+It starts the embedded broker when ``KAFKA_BOOTSTRAP_SERVERS`` is unset, creates the topics
+and the schema, then starts the services with their log lines prefixed by name. Ctrl-C (or
+``--duration``) stops them all: SIGTERM first, so each finishes its batch and commits.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from churn_stream import storage
+from churn_stream.broker import EmbeddedBroker
+from churn_stream.kafka_io import ensure_topics
+from churn_stream.logs import configure_logging
+from churn_stream.settings import Settings, get_settings, mask_url
+
+log = logging.getLogger("churn")
+ROOT = Path(__file__).resolve().parents[1]
+STOP_GRACE_S = 20.0
+
+app = typer.Typer(add_completion=False, help="Run the churn-stream stack.")
+
+
+@app.callback()
+def _group() -> None:
+    """Run the churn-stream stack."""
+
+
+@dataclass
+class Service:
+    """A child process of ``churn up``."""
+
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[str] | None = None
+
+
+def python_service(name: str, script: str, *args: str) -> Service:
+    return Service(name, [sys.executable, "-u", str(ROOT / script), *args])
+
+
+def plan_services(settings: Settings, producer_args: list[str]) -> list[Service]:
+    """The services ``churn up`` runs, consumers first so that nothing waits on them."""
+    return [
+        python_service("consumer", "consumer.py"),
+        python_service("producer", "producer.py", *producer_args),
+    ]
+
+
+@app.command()
+def up(
+    duration: float | None = typer.Option(None, min=1, help="Stop by itself after this many s."),
+    users: int = typer.Option(1000, min=1, help="Simulated users."),
+    backfill_days: float = typer.Option(30.0, min=0, help="Days of history written at start."),
+    rate: float = typer.Option(500.0, min=0, help="Live events/s from the simulator."),
+    seed: int = typer.Option(0, help="Simulator seed."),
+    drift_at: float | None = typer.Option(None, help="Simulated day of a behaviour shift."),
+) -> None:
+    """Start the broker if needed, create topics and tables, run every service."""
+    configure_logging()
+    settings = get_settings()
+    producer_args = [f"--users={users}", f"--backfill-days={backfill_days}",
+                     f"--rate={rate}", f"--seed={seed}"]
+    if drift_at is not None:
+        producer_args.append(f"--drift-at={drift_at}")
+    with ExitStack() as stack:
+        env = dict(os.environ)
+        if settings.uses_embedded_broker:
+            broker = stack.enter_context(EmbeddedBroker(settings.embedded_broker_port))
+            env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+            log.info("embedded broker for local use only; set KAFKA_BOOTSTRAP_SERVERS in production")
+        ensure_topics(settings)
+        engine = storage.make_engine(settings.resolved_database_url())
+        storage.create_schema(engine)
+        engine.dispose()
+        services = plan_services(settings, producer_args)
+        _print_directions(settings, services)
+        _run(services, env, duration)
+
+
+def _print_directions(settings: Settings, services: list[Service]) -> None:
+    log.info("broker:    %s", settings.bootstrap_servers)
+    log.info("database:  %s", mask_url(settings.resolved_database_url()))
+    log.info("consumer metrics   http://127.0.0.1:%d/metrics", settings.consumer_metrics_port)
+    log.info("producer metrics   http://127.0.0.1:%d/metrics", settings.producer_metrics_port)
+    log.info("services:  %s; Ctrl-C stops them all", ", ".join(s.name for s in services))
+
+
+def _run(services: list[Service], env: dict[str, str], duration: float | None) -> None:
+    stopping = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    for service in services:
+        _start(service, env)
+    deadline = time.monotonic() + duration if duration else None
+    while not stopping.wait(0.5):
+        if deadline and time.monotonic() > deadline:
+            log.info("--duration reached")
+            break
+        for service in services:
+            if service.process and service.process.poll() not in (None, 0):
+                log.error("%s exited with code %s", service.name, service.process.returncode)
+                stopping.set()
+    _stop_all(services)
+
+
+def _start(service: Service, env: dict[str, str]) -> None:
+    service.process = subprocess.Popen(
+        service.argv,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order.
+    )
+    threading.Thread(target=_relay, args=(service,), daemon=True).start()
+    log.info("started %s (pid %d)", service.name, service.process.pid)
+
+
+def _relay(service: Service) -> None:
+    assert service.process and service.process.stdout
+    width = 14
+    for line in service.process.stdout:
+        sys.stdout.write(f"{service.name:<{width}}| {line}")
+        sys.stdout.flush()
+
+
+def _stop_all(services: list[Service]) -> None:
+    log.info("stopping %d services", len(services))
+    # Producers first, so the consumers get to drain what was sent.
+    for service in reversed(services):
+        if service.process and service.process.poll() is None:
+            service.process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for service in reversed(services):
+        if not service.process:
+            continue
+        try:
+            service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", service.name, STOP_GRACE_S)
+            service.process.kill()
+            service.process.wait()
+    log.info("all services stopped")
+
+
+def main() -> None:
+    app()

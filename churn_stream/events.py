@@ -1,0 +1,113 @@
+"""The user-activity event: one validated schema, JSON on the wire, keyed by ``user_id``.
+
+``event_type`` is an open vocabulary: the simulator emits the names in ``SIMULATOR_TYPES``;
+a replayed dataset brings its own. Properties are split by kind so that features can treat
+them generically: ``numeric`` values are summed and averaged, ``categorical`` ones are the
+latest profile attributes.
+"""
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+from uuid import UUID, uuid4
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+from churn_stream.errors import InvalidEvent
+
+SIMULATOR_TYPES = (
+    "login",
+    "page_view",
+    "session_end",
+    "purchase",
+    "support_ticket",
+    "plan_change",
+    "payment_failed",
+    "subscription_cancelled",
+)
+CANCELLATION_TYPE = "subscription_cancelled"
+PROFILE_TYPE = "profile"
+MAX_PAYLOAD_BYTES = 64 * 1024
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,47}$")]
+UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+class Event(BaseModel):
+    """One thing a user did, at event time ``ts``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: UUID = Field(default_factory=uuid4)
+    """Idempotency key: a redelivered event is stored once."""
+    user_id: UserId
+    event_type: Name
+    ts: Annotated[AwareDatetime, AfterValidator(_utc)]
+    numeric: dict[Name, Annotated[float, AfterValidator(_finite)]] = Field(
+        default_factory=dict, max_length=32
+    )
+    categorical: dict[Name, Annotated[str, StringConstraints(max_length=128)]] = Field(
+        default_factory=dict, max_length=32
+    )
+
+    def to_bytes(self) -> bytes:
+        """The wire form: compact UTF-8 JSON."""
+        return self.model_dump_json().encode()
+
+    def key(self) -> bytes:
+        """The Kafka key; all of one user's events go to one partition, in order."""
+        return self.user_id.encode()
+
+
+def parse_event(raw: bytes | None, max_ahead_s: float, now: datetime | None = None) -> Event:
+    """Decode and validate one record, or raise ``InvalidEvent`` saying why."""
+    if raw is None:
+        raise InvalidEvent("empty", "record has no value")
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise InvalidEvent("too_large", f"{len(raw)} bytes, limit {MAX_PAYLOAD_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("not_utf8", str(exc)) from None
+    try:
+        document: Any = json.loads(text)
+    except ValueError as exc:
+        raise InvalidEvent("not_json", str(exc)) from None
+    if not isinstance(document, dict):
+        raise InvalidEvent("not_object", f"expected a JSON object, got {type(document).__name__}")
+    try:
+        event = Event.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidEvent("invalid_field", _describe(exc)) from None
+    limit = (now or datetime.now(UTC)) + timedelta(seconds=max_ahead_s)
+    if event.ts > limit:
+        raise InvalidEvent("future_ts", f"ts {event.ts.isoformat()} is after {limit.isoformat()}")
+    return event
+
+
+def _describe(exc: ValidationError) -> str:
+    """Name each failing field and what is wrong with it, briefly."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in error["loc"]) or "event"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,113 @@
+"""Kafka clients configured the one way this project uses them, and topic creation."""
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, RetriableError, TopicAlreadyExistsError
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from churn_stream.errors import BrokerUnavailable
+from churn_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def make_producer(bootstrap_servers: str, **overrides: Any) -> KafkaProducer:
+    """An idempotent producer that waits for every replica: no loss, no duplicates on retry."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "compression_type": "gzip",
+        "retries": 2**31 - 1,
+        "max_in_flight_requests_per_connection": 5,
+        "delivery_timeout_ms": 120_000,
+    }
+    options.update(overrides)
+    return _connect(KafkaProducer, **options)
+
+
+def make_consumer(bootstrap_servers: str, group_id: str, *topics: str, **overrides: Any) -> KafkaConsumer:
+    """A group member that commits by hand, after its writes are durable."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": 2000,
+        "fetch_max_bytes": 16 * 1024 * 1024,
+        "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        # A record that waits out a database outage inside one poll must not cost us the
+        # group membership; 10 minutes covers the outages we retry through.
+        "max_poll_interval_ms": 600_000,
+    }
+    options.update(overrides)
+    return _connect(KafkaConsumer, *topics, **options)
+
+
+def _connect(client: Any, *args: Any, **options: Any) -> Any:
+    """Build a client, retrying while the broker is not up yet (each try waits up to 30 s)."""
+
+    @retry(
+        retry=retry_if_exception_type(RetriableError),
+        wait=wait_exponential(multiplier=0.2, max=2),
+        stop=stop_after_delay(90),
+        reraise=True,
+    )
+    def attempt() -> Any:
+        return client(*args, **options)
+
+    try:
+        return attempt()
+    except RetriableError as exc:
+        raise BrokerUnavailable(
+            f"no Kafka broker answers at {options['bootstrap_servers']}: start the stack with "
+            "`churn up` or point KAFKA_BOOTSTRAP_SERVERS at a running broker"
+        ) from exc
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
+    """Create the project's topics if they are missing; existing ones are left alone."""
+    wanted = [
+        NewTopic(settings.topic_activity, settings.topic_partitions, 1),
+        NewTopic(settings.topic_predictions, settings.topic_partitions, 1),
+        NewTopic(settings.topic_dead_letter, 1, 1),
+        NewTopic(settings.topic_feedback, 1, 1),
+        NewTopic(settings.topic_control, 1, 1),
+    ]
+    create_topics(settings.bootstrap_servers, wanted, timeout_s)
+
+
+def create_topics(bootstrap_servers: str, topics: Iterable[NewTopic], timeout_s: float = 60.0) -> None:
+    """Create each topic unless it exists, retrying while the broker comes up."""
+
+    @retry(
+        retry=retry_if_exception_type(KafkaError),
+        wait=wait_exponential(multiplier=0.2, max=2),
+        stop=stop_after_delay(timeout_s),
+        reraise=True,
+    )
+    def attempt() -> None:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+        try:
+            existing = set(admin.list_topics())
+            missing = [t for t in topics if t.name not in existing]
+            if missing:
+                try:
+                    admin.create_topics(missing)
+                except TopicAlreadyExistsError:
+                    pass
+                log.info("created topics %s", [t.name for t in missing])
+        finally:
+            admin.close()
+
+    topics = list(topics)
+    try:
+        attempt()
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"could not create topics on {bootstrap_servers}: {exc}") from exc

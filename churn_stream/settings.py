@@ -1,0 +1,128 @@
+"""Every setting of churn-stream, read in one place from the environment and ``.env``.
+
+An unset variable means the embedded default: a SQLite file under ``data/`` and a
+Kafka-protocol broker started on loopback. Production points ``KAFKA_BOOTSTRAP_SERVERS``
+at a real cluster and ``DATABASE_URL`` (or the ``MSSQL_*`` parts) at SQL Server.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import quote_plus
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATA_DIR = Path("data")
+
+
+class MssqlSettings(BaseSettings):
+    """The parts of a SQL Server connection, assembled into a ``mssql+pyodbc://`` URL."""
+
+    model_config = SettingsConfigDict(env_prefix="MSSQL_", env_file=".env", extra="ignore")
+
+    host: str | None = None
+    """Server host name; unset means SQL Server is not configured."""
+    port: int = 1433
+    database: str = "churn"
+    user: str = "sa"
+    password: SecretStr = SecretStr("")
+    driver: str = "ODBC Driver 18 for SQL Server"
+    """ODBC driver name as unixODBC knows it (``FreeTDS`` works too)."""
+    trust_server_certificate: bool = True
+    """Accept the server's self-signed certificate, as SQL Server in a container has."""
+
+    def url(self, masked: bool = False) -> str:
+        """The SQLAlchemy URL; ``masked`` hides the password for logs."""
+        if not self.host:
+            raise ValueError("MSSQL_HOST is not set")
+        secret = "***" if masked else quote_plus(self.password.get_secret_value())
+        query = f"driver={quote_plus(self.driver)}"
+        if self.trust_server_certificate:
+            query += "&TrustServerCertificate=yes"
+        return (
+            f"mssql+pyodbc://{quote_plus(self.user)}:{secret}@{self.host}:{self.port}/"
+            f"{self.database}?{query}"
+        )
+
+
+class Settings(BaseSettings):
+    """Settings shared by every service."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    kafka_bootstrap_servers: str | None = None
+    """``host:port[,host:port]`` of a Kafka cluster; unset starts the embedded broker."""
+    embedded_broker_port: int = 19092
+    """Loopback port of the embedded broker when ``KAFKA_BOOTSTRAP_SERVERS`` is unset."""
+
+    database_url: SecretStr | None = None
+    """SQLAlchemy URL; unset means SQL Server from ``MSSQL_*`` if set, else SQLite."""
+    sqlite_path: Path = DATA_DIR / "churn.db"
+    """Where the embedded SQLite database lives."""
+
+    topic_activity: str = "user-activity"
+    topic_dead_letter: str = "user-activity.dlq"
+    topic_predictions: str = "churn-predictions"
+    topic_feedback: str = "churn-feedback"
+    topic_control: str = "model-control"
+    topic_partitions: int = Field(6, ge=1)
+    """Partitions of ``user-activity``; the most predictors one group can use at once."""
+
+    consumer_group: str = "churn-consumer"
+    predictor_group: str = "churn-predictor"
+
+    consumer_metrics_port: int = 9101
+    predictor_port: int = 8000
+    feedback_api_port: int = 8001
+    feedback_loop_metrics_port: int = 9103
+    producer_metrics_port: int = 9104
+    dashboard_port: int = 8501
+
+    batch_max_records: int = Field(2000, ge=1)
+    """Most records written to the database in one transaction."""
+    batch_max_wait_ms: int = Field(500, ge=1)
+    """Longest a record waits in a partly filled batch."""
+    max_event_ahead_s: float = 86_400.0
+    """Events stamped further than this in the future are dead-lettered."""
+
+    churn_api_key: SecretStr | None = None
+    """When set, write endpoints of the feedback API need it in ``X-API-Key``."""
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return not self.kafka_bootstrap_servers
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Where the Kafka clients connect."""
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.embedded_broker_port}"
+
+    def resolved_database_url(self) -> str:
+        """The database URL in force, following the precedence in ``database_url``."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        mssql = MssqlSettings()
+        if mssql.host:
+            return mssql.url()
+        return f"sqlite:///{self.sqlite_path}"
+
+    def describe(self) -> dict[str, object]:
+        """The effective settings with secrets masked, for the start-up log line."""
+        shown = self.model_dump(exclude={"database_url", "churn_api_key"})
+        shown["bootstrap_servers"] = self.bootstrap_servers
+        shown["database"] = mask_url(self.resolved_database_url())
+        shown["churn_api_key"] = "set" if self.churn_api_key else "unset"
+        return shown
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in a database URL."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

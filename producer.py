@@ -1,0 +1,65 @@
+"""Producer service: simulated user activity into the ``user-activity`` topic.
+
+It first writes a backfill of history at full speed, so that the models have labelled
+history to train on, then plays the most recent simulated days live, paced by rate and
+speed; simulated time never runs ahead of the wall clock, so the live phase settles into
+real time once it catches up.
+
+    python producer.py --users 1000 --backfill-days 30 --rate 500 --seed 7
+"""
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import typer
+
+from churn_stream.kafka_io import make_producer
+from churn_stream.pacing import Pacer
+from churn_stream.produce import publish
+from churn_stream.runtime import serve_metrics, start_service
+from churn_stream.simulator import Simulator
+
+log = logging.getLogger("producer")
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    users: int = typer.Option(1000, min=1, help="Simulated users."),
+    backfill_days: float = typer.Option(30.0, min=0, help="Days of history sent at full speed."),
+    live_days: float = typer.Option(2.0, min=0, help="Recent days played at --speed."),
+    horizon_days: float = typer.Option(365.0, min=1, help="Simulated days after the backfill."),
+    rate: float = typer.Option(500.0, min=0, help="Most events/s in the live phase; 0 = no cap."),
+    speed: float = typer.Option(
+        3600.0, min=0, help="Simulated seconds per wall second when live; 0 = as fast as rate."
+    ),
+    seed: int = typer.Option(0, help="Same seed, same users and events."),
+    churn_share: float = typer.Option(0.3, min=0, max=1, help="Rough share of users who churn."),
+    drift_at: float | None = typer.Option(
+        None, help="Shift behaviour (a price change) this many simulated days after the start."
+    ),
+) -> None:
+    """Simulate users and publish their activity events."""
+    settings, stopping = start_service("producer")
+    serve_metrics(settings.producer_metrics_port)
+    now = datetime.now(UTC)
+    start = now - timedelta(days=backfill_days + live_days)
+    live_from = now - timedelta(days=live_days)
+    simulator = Simulator(
+        users,
+        start,
+        backfill_days + live_days + horizon_days,
+        seed=seed,
+        churn_share=churn_share,
+        drift_at=start + timedelta(days=drift_at) if drift_at is not None else None,
+    )
+    producer = make_producer(settings.bootstrap_servers)
+    pacer = Pacer(live_from, rate_per_s=rate or None, speed=speed or None, stopping=stopping)
+    log.info("producer started: %d users from %s, live from %s", users, start, live_from)
+    sent = publish(simulator.events(), producer, settings.topic_activity, live_from, pacer, stopping)
+    producer.close()
+    log.info("producer stopped after %d events", sent)
+
+
+if __name__ == "__main__":
+    app()
