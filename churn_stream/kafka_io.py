@@ -32,7 +32,9 @@ def make_producer(bootstrap_servers: str, **overrides: Any) -> KafkaProducer:
     return _connect(KafkaProducer, **options)
 
 
-def make_consumer(bootstrap_servers: str, group_id: str, *topics: str, **overrides: Any) -> KafkaConsumer:
+def make_consumer(
+    bootstrap_servers: str, group_id: str, *topics: str, **overrides: Any
+) -> KafkaConsumer:
     """A group member that commits by hand, after its writes are durable."""
     options: dict[str, Any] = {
         "bootstrap_servers": bootstrap_servers,
@@ -83,7 +85,9 @@ def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
     create_topics(settings.bootstrap_servers, wanted, timeout_s)
 
 
-def create_topics(bootstrap_servers: str, topics: Iterable[NewTopic], timeout_s: float = 60.0) -> None:
+def create_topics(
+    bootstrap_servers: str, topics: Iterable[NewTopic], timeout_s: float = 60.0
+) -> None:
     """Create each topic unless it exists, retrying while the broker comes up."""
 
     @retry(

@@ -7,7 +7,6 @@ at a real cluster and ``DATABASE_URL`` (or the ``MSSQL_*`` parts) at SQL Server.
 
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import quote_plus
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,16 +32,23 @@ class MssqlSettings(BaseSettings):
 
     def url(self, masked: bool = False) -> str:
         """The SQLAlchemy URL; ``masked`` hides the password for logs."""
+        from sqlalchemy.engine import URL
+
         if not self.host:
             raise ValueError("MSSQL_HOST is not set")
-        secret = "***" if masked else quote_plus(self.password.get_secret_value())
-        query = f"driver={quote_plus(self.driver)}"
+        query = {"driver": self.driver}
         if self.trust_server_certificate:
-            query += "&TrustServerCertificate=yes"
-        return (
-            f"mssql+pyodbc://{quote_plus(self.user)}:{secret}@{self.host}:{self.port}/"
-            f"{self.database}?{query}"
+            query["TrustServerCertificate"] = "yes"
+        url = URL.create(
+            "mssql+pyodbc",
+            username=self.user,
+            password=self.password.get_secret_value(),
+            host=self.host,
+            port=self.port,
+            database=self.database,
+            query=query,
         )
+        return url.render_as_string(hide_password=masked)
 
 
 class Settings(BaseSettings):
@@ -87,6 +93,35 @@ class Settings(BaseSettings):
 
     churn_api_key: SecretStr | None = None
     """When set, write endpoints of the feedback API need it in ``X-API-Key``."""
+
+    feedback_api_host: str = "127.0.0.1"
+    """Interface the feedback API binds; anything but loopback requires ``CHURN_API_KEY``."""
+    feedback_api_url: str = "http://127.0.0.1:8001"
+    """Where the simulator's outcome reporter reaches the feedback API."""
+    outbox_interval_s: float = Field(1.0, gt=0)
+    """How often stored feedback not yet on ``churn-feedback`` is looked for and published."""
+    outbox_batch_max: int = Field(500, ge=1)
+    """Most feedback rows published in one outbox pass."""
+
+    feedback_loop_interval_s: float = Field(30.0, gt=0)
+    """How often the feedback loop computes live performance and weighs a retrain."""
+    live_metrics_top_k: int = Field(50, ge=1)
+    """k of live precision-at-k: the share of churners among the k riskiest labelled users."""
+    live_metrics_min_per_class: int = Field(5, ge=1)
+    """Fewer churned (or retained) labelled users than this: no live metrics for a version."""
+    live_metrics_min_lead_s: float = Field(86_400.0, ge=0)
+    """A prediction counts for an outcome only if its activity is this long before it; the
+    score right after a cancellation event says nothing about foresight."""
+    retrain_min_new_outcomes: int = Field(200, ge=1)
+    """Outcomes received since the last retrain request that make the loop ask for another."""
+    retrain_min_per_class: int = Field(10, ge=1)
+    """Fewer churned (or retained) outcomes than this in total: no feedback retrain."""
+    retrain_degradation_margin: float = Field(0.05, ge=0)
+    """Retrain when live ROC-AUC falls more than this below the validation ROC-AUC."""
+    retrain_max_model_age_s: float = Field(86_400.0, gt=0)
+    """Retrain (reason ``schedule``) when the serving model was trained longer ago than this."""
+    retrain_cooldown_s: float = Field(1_800.0, ge=0)
+    """Least time between two retrain requests of the feedback loop."""
 
     @property
     def uses_embedded_broker(self) -> bool:

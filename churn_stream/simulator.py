@@ -45,7 +45,7 @@ class SimUser:
         days_left = (self.churn_at - now) / DAY
         if days_left >= self.decline_days:
             return 1.0
-        return 0.1 + 0.9 * max(days_left, 0.0) / self.decline_days
+        return 0.05 + 0.95 * (max(days_left, 0.0) / self.decline_days) ** 1.5
 
     def active(self, now: datetime) -> bool:
         return self.churn_at is None or now < self.churn_at
@@ -138,23 +138,30 @@ class Simulator:
         if (user.tenure_days + (day - self.start).days) % 30 == 0 and rng.random() < (
             0.25 if declining else 0.02
         ):
-            events.append(_day_event(user, "payment_failed", day, rng,
-                                      numeric={"amount": PLAN_PRICES[user.plan]}))
+            events.append(
+                _day_event(
+                    user, "payment_failed", day, rng, numeric={"amount": PLAN_PRICES[user.plan]}
+                )
+            )
         events.extend(self._plan_change(user, day, declining, drifted, rng))
         if user.churn_at is not None and day <= user.churn_at < day + DAY:
             if not user.goes_silent:
-                events.append(_day_event(user, CANCELLATION_TYPE, day, rng,
-                                          categorical={"plan": user.plan}))
+                events.append(
+                    _event(
+                        user, CANCELLATION_TYPE, user.churn_at, rng, categorical={"plan": user.plan}
+                    )
+                )
         return [e for e in events if user.active(e.ts) or e.event_type == CANCELLATION_TYPE]
 
     def _session(
         self, user: SimUser, day: datetime, level: float, drifted: bool, rng: np.random.Generator
     ) -> list[Event]:
-        start = day + timedelta(seconds=float(rng.uniform(0, 86_000)))
         mean_s = 120 + 900 * level
         if drifted:
             mean_s *= 0.6
-        duration_s = float(rng.lognormal(math.log(mean_s), 0.5))
+        duration_s = min(float(rng.lognormal(math.log(mean_s), 0.5)), 6 * 3600.0)
+        # The whole session falls inside its day, so that days can be emitted in order.
+        start = day + timedelta(seconds=float(rng.uniform(0, 86_399 - duration_s)))
         events = [_event(user, "login", start, rng, categorical={"plan": user.plan})]
         views = int(rng.poisson(1 + 5 * level))
         for i in range(views):
@@ -166,8 +173,9 @@ class Simulator:
             at = start + timedelta(seconds=duration_s * 0.9)
             events.append(_event(user, "purchase", at, rng, numeric={"amount": round(amount, 2)}))
         end = start + timedelta(seconds=duration_s)
-        events.append(_event(user, "session_end", end, rng,
-                             numeric={"duration_s": round(duration_s, 1)}))
+        events.append(
+            _event(user, "session_end", end, rng, numeric={"duration_s": round(duration_s, 1)})
+        )
         return events
 
     def _plan_change(
@@ -181,8 +189,16 @@ class Simulator:
             user.plan = PLANS[index + 1]
         else:
             return []
-        return [_day_event(user, "plan_change", day, rng, categorical={"plan": user.plan},
-                            numeric={"price": PLAN_PRICES[user.plan]})]
+        return [
+            _day_event(
+                user,
+                "plan_change",
+                day,
+                rng,
+                categorical={"plan": user.plan},
+                numeric={"price": PLAN_PRICES[user.plan]},
+            )
+        ]
 
 
 def _day_event(
@@ -208,5 +224,11 @@ def _event(
 ) -> Event:
     # Ids drawn from the seeded generator make a re-run with the same seed idempotent.
     event_id = uuid.UUID(bytes=rng.bytes(16), version=4)
-    return Event(event_id=event_id, user_id=user.user_id, event_type=event_type, ts=ts,
-                 numeric=numeric or {}, categorical=categorical or {})
+    return Event(
+        event_id=event_id,
+        user_id=user.user_id,
+        event_type=event_type,
+        ts=ts,
+        numeric=numeric or {},
+        categorical=categorical or {},
+    )

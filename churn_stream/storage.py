@@ -194,7 +194,7 @@ def idempotent_insert(table: sa.Table, dialect_name: str) -> sa.Executable:
     # UPDLOCK+HOLDLOCK keeps two writers of the same key from both passing the check.
     values = [sa.bindparam(c.name, type_=c.type) for c in table.columns]
     guard = (
-        sa.select(sa.literal(1))
+        sa.select(sa.literal_column("1"))
         .select_from(table)
         .with_hint(table, "WITH (UPDLOCK, HOLDLOCK)", "mssql")
         .where(key == sa.bindparam(key.name, type_=key.type))

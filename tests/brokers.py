@@ -66,22 +66,41 @@ class ApacheKafka:
         return f"127.0.0.1:{self.port}"
 
     def _java(self, main: str, *args: str) -> list[str]:
-        return ["java", "-Xms256m", "-Xmx768m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-                "-cp", f"{JARS}/*", main, *args]
+        return [
+            "java",
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            f"{JARS}/*",
+            main,
+            *args,
+        ]
 
     def start(self, timeout_s: float = 60.0) -> "ApacheKafka":
         config = self.work_dir / "server.properties"
         if not self._formatted:
-            config.write_text(SERVER_PROPERTIES.format(
-                port=self.port, controller_port=self.controller_port,
-                log_dir=self.work_dir / "data"))
+            config.write_text(
+                SERVER_PROPERTIES.format(
+                    port=self.port,
+                    controller_port=self.controller_port,
+                    log_dir=self.work_dir / "data",
+                )
+            )
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id,
-                                      "-c", str(config)), check=True, capture_output=True)
+            subprocess.run(
+                self._java(
+                    "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)
+                ),
+                check=True,
+                capture_output=True,
+            )
             self._formatted = True
         log_file = open(self.work_dir / "broker.log", "ab")  # noqa: SIM115 - lives with the broker
-        self.process = subprocess.Popen(self._java("kafka.Kafka", str(config)),
-                                        stdout=log_file, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self._java("kafka.Kafka", str(config)), stdout=log_file, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout_s
         while not port_open("127.0.0.1", self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:
