@@ -56,7 +56,9 @@ def main(
     producer = make_producer(settings.bootstrap_servers)
     pacer = Pacer(live_from, rate_per_s=rate or None, speed=speed or None, stopping=stopping)
     log.info("producer started: %d users from %s, live from %s", users, start, live_from)
-    sent = publish(simulator.events(), producer, settings.topic_activity, live_from, pacer, stopping)
+    sent = publish(
+        simulator.events(), producer, settings.topic_activity, live_from, pacer, stopping
+    )
     producer.close()
     log.info("producer stopped after %d events", sent)
 

@@ -69,8 +69,12 @@ def up(
     """Start the broker if needed, create topics and tables, run every service."""
     configure_logging()
     settings = get_settings()
-    producer_args = [f"--users={users}", f"--backfill-days={backfill_days}",
-                     f"--rate={rate}", f"--seed={seed}"]
+    producer_args = [
+        f"--users={users}",
+        f"--backfill-days={backfill_days}",
+        f"--rate={rate}",
+        f"--seed={seed}",
+    ]
     if drift_at is not None:
         producer_args.append(f"--drift-at={drift_at}")
     with ExitStack() as stack:
@@ -78,7 +82,9 @@ def up(
         if settings.uses_embedded_broker:
             broker = stack.enter_context(EmbeddedBroker(settings.embedded_broker_port))
             env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
-            log.info("embedded broker for local use only; set KAFKA_BOOTSTRAP_SERVERS in production")
+            log.info(
+                "embedded broker for local use only; set KAFKA_BOOTSTRAP_SERVERS in production"
+            )
         ensure_topics(settings)
         engine = storage.make_engine(settings.resolved_database_url())
         storage.create_schema(engine)
