@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     feedback_loop_metrics_port: int = 9103
     producer_metrics_port: int = 9104
     dashboard_port: int = 8501
+    predictor_url: str = "http://127.0.0.1:8000"
+    """Where the dashboard asks the predictor which features drive a user's score."""
+    risk_threshold: float = Field(0.5, gt=0, lt=1)
+    """Score from which the dashboard counts a user as high risk (its starting value)."""
 
     batch_max_records: int = Field(2000, ge=1)
     """Most records written to the database in one transaction."""
