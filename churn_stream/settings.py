@@ -127,6 +127,38 @@ class Settings(BaseSettings):
     retrain_cooldown_s: float = Field(1_800.0, ge=0)
     """Least time between two retrain requests of the feedback loop."""
 
+    predictor_batch_max_records: int = Field(2000, ge=1)
+    """Most events the predictor scores in one micro-batch (one vectorised call per model)."""
+    predictor_batch_max_wait_ms: int = Field(50, ge=1)
+    """Longest the first event of a micro-batch waits for more before the batch is scored."""
+    predictor_train_retry_s: float = Field(5.0, gt=0)
+    """While there is too little labelled history to train, how often the predictor retries."""
+    predictor_http_host: str = "127.0.0.1"
+    """Interface the predictor's HTTP API (health, model, predict, metrics) binds."""
+    promotion_tolerance: float = Field(0.01, ge=0)
+    """A retrained model replaces the serving one unless its holdout ROC-AUC is lower than the
+    serving model's on the same holdout by more than this."""
+    retrain_failure_injection: str | None = None
+    """Tests only: ``raise`` or ``memory`` makes every retrain after the first fail that way."""
+    drift_window_rows: int = Field(5000, ge=1)
+    """Scored rows in one drift window; a window also closes after ``drift_window_s``."""
+    drift_window_s: float = Field(300.0, gt=0)
+    """Longest a drift window stays open, so that slow traffic is still checked."""
+    drift_min_rows: int = Field(500, ge=1)
+    """A window with fewer rows is not evaluated: too small a sample to call drift."""
+    drift_psi_threshold: float = Field(0.2, gt=0)
+    """PSI above which a feature counts as drifted (0.1 to 0.2 reads as moderate)."""
+    drift_ks_threshold: float = Field(0.1, gt=0, le=1)
+    """KS distance above which a numeric feature's KS result says drifted (reported only)."""
+    drift_score_psi_threshold: float = Field(0.2, gt=0)
+    """PSI of the served score above which a window is drifted whatever its features do."""
+    drift_feature_share: float = Field(0.3, gt=0, le=1)
+    """Share of features (with spread in training) that must drift for a window to drift."""
+    drift_persistence: int = Field(3, ge=1)
+    """Drifted windows in a row that confirm drift."""
+    drift_cooldown_s: float = Field(900.0, ge=0)
+    """Least time from any retrain to a retrain for drift."""
+
     @property
     def uses_embedded_broker(self) -> bool:
         return not self.kafka_bootstrap_servers
