@@ -85,23 +85,27 @@ def parse_event(raw: bytes | None, max_ahead_s: float, now: datetime | None = No
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise InvalidEvent("too_large", f"{len(raw)} bytes, limit {MAX_PAYLOAD_BYTES}")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidEvent("not_utf8", str(exc)) from None
-    try:
-        document: Any = json.loads(text)
-    except ValueError as exc:
-        raise InvalidEvent("not_json", str(exc)) from None
-    if not isinstance(document, dict):
-        raise InvalidEvent("not_object", f"expected a JSON object, got {type(document).__name__}")
-    try:
-        event = Event.model_validate(document)
+        # pydantic parses JSON in Rust, several times faster than json.loads + validate.
+        event = Event.model_validate_json(raw)
     except ValidationError as exc:
-        raise InvalidEvent("invalid_field", _describe(exc)) from None
+        raise _classify(raw, exc) from None
     limit = (now or datetime.now(UTC)) + timedelta(seconds=max_ahead_s)
     if event.ts > limit:
         raise InvalidEvent("future_ts", f"ts {event.ts.isoformat()} is after {limit.isoformat()}")
     return event
+
+
+def _classify(raw: bytes, exc: ValidationError) -> InvalidEvent:
+    """The reason a record failed, told apart on the slow path that only bad records take."""
+    try:
+        document: Any = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return InvalidEvent("not_utf8", str(error))
+    except ValueError as error:
+        return InvalidEvent("not_json", str(error))
+    if not isinstance(document, dict):
+        return InvalidEvent("not_object", f"expected a JSON object, got {type(document).__name__}")
+    return InvalidEvent("invalid_field", _describe(exc))
 
 
 def _describe(exc: ValidationError) -> str:
