@@ -8,10 +8,9 @@ import sqlalchemy as sa
 from kafka.consumer.fetcher import ConsumerRecord
 
 from churn_stream import storage
-from churn_stream.errors import InvalidEvent
-from churn_stream.events import Event, parse_event
+from churn_stream.events import Event
 from churn_stream.predictor import runs
-from churn_stream.predictor.batching import collect, parse_batch, parse_fast
+from churn_stream.predictor.batching import collect, parse_batch
 
 pytestmark = pytest.mark.timeout(30)
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
@@ -96,27 +95,6 @@ def test_parse_batch_keeps_valid_events_and_skips_the_rest() -> None:
     assert (batch.records, batch.skipped) == (6, 4)
     assert [(r.event.user_id, r.partition, r.timestamp_ms) for r in batch.received] == [
         ("u1", 2, 111), ("u4", 1, 222)]
-
-
-@pytest.mark.parametrize("raw", [
-    event_bytes("u1"),
-    b"[1, 2]",
-    b"\xff\xfe",
-    b'{"user_id": "", "event_type": "login", "ts": "2026-03-01T12:00:00Z"}',
-    b'{"user_id": "u", "event_type": "login", "ts": "2026-03-01T12:00:00"}',
-    b'{"user_id": "u", "event_type": "login", "ts": "2026-03-01T12:00:00Z", "x": 1}',
-    event_bytes("u1", minutes=-2 * 24 * 60),
-])
-def test_the_quick_parse_agrees_with_parse_event(raw: bytes) -> None:
-    limit = NOW + timedelta(days=1)
-    try:
-        expected = parse_event(raw, 86_400, NOW)
-    except InvalidEvent as exc:
-        with pytest.raises(InvalidEvent) as caught:
-            parse_fast(raw, limit, 86_400, NOW)
-        assert caught.value.reason == exc.reason
-    else:
-        assert parse_fast(raw, limit, 86_400, NOW) == expected
 
 
 def test_a_run_is_recorded_when_it_starts_and_when_it_ends(engine: sa.Engine) -> None:
