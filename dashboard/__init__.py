@@ -1,0 +1,1 @@
+"""The live dashboard: read-only queries (``queries``), Plotly figures (``charts``), the app."""

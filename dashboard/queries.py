@@ -1,0 +1,281 @@
+"""Read-only queries behind the dashboard, each bounded by a time window or a row limit.
+
+Every query is SQLAlchemy Core with bound parameters, so the same code reads SQLite and SQL
+Server. Windows end at the newest row of their own table rather than at the wall clock: a
+replay of old data then looks like a live stream, and an idle stack still shows its last
+hours. Results come back as DataFrames with aware UTC times.
+"""
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+from churn_stream.storage import (
+    drift_reports,
+    model_performance,
+    model_runs,
+    predictions,
+    user_activity,
+)
+
+DASHBOARD_TABLES = (user_activity, predictions, model_runs, drift_reports, model_performance)
+BUCKET_WIDTHS_S = (60, 300, 600, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86_400)
+SCORE_COLUMNS = ("score", "score_rf", "score_xgb", "score_seq")
+
+
+class epoch_seconds(FunctionElement):  # noqa: N801 - SQL functions read lower case
+    """Whole seconds since 1970 of a naive-UTC time column, in the dialect's own idiom."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+    name = "epoch_seconds"
+
+
+@compiles(epoch_seconds, "sqlite")
+def _epoch_seconds_sqlite(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
+    return f"CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER)"
+
+
+@compiles(epoch_seconds, "mssql")
+def _epoch_seconds_mssql(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
+    return f"DATEDIFF_BIG(second, '19700101', {compiler.process(element.clauses, **kw)})"
+
+
+@compiles(epoch_seconds)
+def _epoch_seconds_default(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
+    return f"CAST(EXTRACT(EPOCH FROM {compiler.process(element.clauses, **kw)}) AS BIGINT)"
+
+
+def missing_tables(engine: Engine) -> list[str]:
+    """The dashboard's tables that the database does not have yet."""
+    present = set(sa.inspect(engine).get_table_names())
+    return [table.name for table in DASHBOARD_TABLES if table.name not in present]
+
+
+def newest(conn: Connection, column: sa.Column) -> datetime | None:
+    """The largest value of a time column, naive UTC; ``None`` for an empty table."""
+    return conn.execute(sa.select(sa.func.max(column))).scalar()
+
+
+def bucket_width_s(hours: float, buckets: int = 120) -> int:
+    """The smallest round bucket width that splits ``hours`` into at most ``buckets``."""
+    span_s = hours * 3600 / buckets
+    return next((w for w in BUCKET_WIDTHS_S if w >= span_s), BUCKET_WIDTHS_S[-1])
+
+
+def _frame(conn: Connection, query: sa.Select, times: tuple[str, ...] = ()) -> pd.DataFrame:
+    result = conn.execute(query)
+    frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+    for name in times:
+        frame[name] = pd.to_datetime(frame[name], utc=True)
+    return frame
+
+
+def _bucket_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    frame["bucket"] = pd.to_datetime(frame["bucket"].astype("int64"), unit="s", utc=True)
+    return frame
+
+
+def activity_summary(conn: Connection, rate_window_min: float = 5.0) -> dict[str, Any]:
+    """Users tracked, events per minute over the newest minutes, and when the last one came.
+
+    The rate is measured in event time, which a live stream keeps close to the wall clock;
+    ``last_ingested_at`` tells whether the stream is still flowing.
+    """
+    users = conn.execute(
+        sa.select(sa.func.count(sa.distinct(user_activity.c.user_id)))
+    ).scalar_one()
+    until = newest(conn, user_activity.c.ts)
+    if until is None:
+        return {"users": 0, "events_per_min": 0.0, "newest_ts": None, "last_ingested_at": None}
+    since = until - timedelta(minutes=rate_window_min)
+    recent = sa.select(
+        sa.func.count().label("events"), sa.func.max(user_activity.c.ingested_at).label("last")
+    ).where(user_activity.c.ts > since)
+    events, last_ingested_at = conn.execute(recent).one()
+    return {
+        "users": users,
+        "events_per_min": events / rate_window_min,
+        "newest_ts": until,
+        "last_ingested_at": last_ingested_at,
+    }
+
+
+def latest_scores(conn: Connection, hours: float, max_users: int = 50_000) -> pd.DataFrame:
+    """Each user's latest prediction within the window, riskiest first."""
+    columns = ["user_id", "scored_at", *SCORE_COLUMNS, "model_version", "latency_ms"]
+    until = newest(conn, predictions.c.scored_at)
+    if until is None:
+        return pd.DataFrame(columns=columns)
+    rank = sa.func.row_number().over(
+        partition_by=predictions.c.user_id,
+        order_by=(predictions.c.scored_at.desc(), predictions.c.id.desc()),
+    )
+    ranked = (
+        sa.select(*(predictions.c[c] for c in columns), rank.label("rank"))
+        .where(predictions.c.scored_at >= until - timedelta(hours=hours))
+        .subquery()
+    )
+    query = (
+        sa.select(*(ranked.c[c] for c in columns))
+        .where(ranked.c.rank == 1)
+        .order_by(ranked.c.score.desc(), ranked.c.user_id)
+        .limit(max_users)
+    )
+    return _frame(conn, query, times=("scored_at",))
+
+
+def promoted_model(conn: Connection) -> dict[str, Any] | None:
+    """The newest promoted run of ``model_runs``: the model being served."""
+    query = (
+        sa.select(model_runs)
+        .where(model_runs.c.promoted == sa.true())
+        .order_by(model_runs.c.started_at.desc(), model_runs.c.id.desc())
+        .limit(1)
+    )
+    row = conn.execute(query).mappings().first()
+    return dict(row) if row else None
+
+
+def model_runs_frame(conn: Connection, limit: int = 50) -> pd.DataFrame:
+    """The newest training runs, each metric of ``metrics`` as a ``<model> <metric>`` column."""
+    query = (
+        sa.select(model_runs)
+        .order_by(model_runs.c.started_at.desc(), model_runs.c.id.desc())
+        .limit(limit)
+    )
+    runs = _frame(conn, query, times=("started_at",))
+    return flatten_metrics(runs)
+
+
+def flatten_metrics(runs: pd.DataFrame) -> pd.DataFrame:
+    """Spread the nested ``metrics`` JSON ({model: {metric: value}}) into columns."""
+    flat = [
+        {
+            f"{model} {metric}": value
+            for model, values in (metrics or {}).items()
+            if isinstance(values, dict)
+            for metric, value in values.items()
+        }
+        for metrics in runs.get("metrics", [])
+    ]
+    spread = pd.DataFrame(flat, index=runs.index)
+    return pd.concat([runs.drop(columns=["metrics"], errors="ignore"), spread], axis=1)
+
+
+def live_performance(conn: Connection, limit: int = 2000) -> pd.DataFrame:
+    """The newest live-performance evaluations of the feedback loop."""
+    query = (
+        sa.select(model_performance)
+        .order_by(model_performance.c.computed_at.desc(), model_performance.c.id.desc())
+        .limit(limit)
+    )
+    return _frame(conn, query, times=("computed_at",))
+
+
+def activity_by_type(conn: Connection, hours: float) -> pd.DataFrame:
+    """Event counts per time bucket and event type over the newest ``hours`` of event time."""
+    until = newest(conn, user_activity.c.ts)
+    if until is None:
+        return pd.DataFrame(columns=["bucket", "event_type", "events"])
+    width_s = bucket_width_s(hours)
+    bucket = (epoch_seconds(user_activity.c.ts) // width_s) * width_s
+    # Grouping on a subquery's column keeps SQL Server from comparing two copies of the
+    # bucket expression, each with its own bound parameters.
+    rows = (
+        sa.select(bucket.label("bucket"), user_activity.c.event_type)
+        .where(user_activity.c.ts >= until - timedelta(hours=hours))
+        .subquery()
+    )
+    query = (
+        sa.select(rows.c.bucket, rows.c.event_type, sa.func.count().label("events"))
+        .group_by(rows.c.bucket, rows.c.event_type)
+        .order_by(rows.c.bucket, rows.c.event_type)
+    )
+    return _bucket_frame(_frame(conn, query))
+
+
+def risk_over_time(conn: Connection, hours: float) -> pd.DataFrame:
+    """Mean blended and per-model score per time bucket over the newest ``hours``."""
+    until = newest(conn, predictions.c.scored_at)
+    if until is None:
+        return pd.DataFrame(columns=["bucket", "predictions", *SCORE_COLUMNS])
+    width_s = bucket_width_s(hours)
+    bucket = (epoch_seconds(predictions.c.scored_at) // width_s) * width_s
+    rows = (
+        sa.select(bucket.label("bucket"), *(predictions.c[c] for c in SCORE_COLUMNS))
+        .where(predictions.c.scored_at >= until - timedelta(hours=hours))
+        .subquery()
+    )
+    query = (
+        sa.select(
+            rows.c.bucket,
+            sa.func.count().label("predictions"),
+            *(sa.func.avg(rows.c[c]).label(c) for c in SCORE_COLUMNS),
+        )
+        .group_by(rows.c.bucket)
+        .order_by(rows.c.bucket)
+    )
+    return _bucket_frame(_frame(conn, query))
+
+
+def psi_history(conn: Connection, hours: float, max_rows: int = 20_000) -> pd.DataFrame:
+    """PSI evaluations per feature over the newest ``hours`` of drift reports."""
+    until = newest(conn, drift_reports.c.evaluated_at)
+    columns = ["evaluated_at", "feature", "score", "threshold", "drifted", "model_version"]
+    if until is None:
+        return pd.DataFrame(columns=columns)
+    query = (
+        sa.select(*(drift_reports.c[c] for c in columns))
+        .where(drift_reports.c.statistic == "psi")
+        .where(drift_reports.c.evaluated_at >= until - timedelta(hours=hours))
+        .order_by(drift_reports.c.evaluated_at.desc())
+        .limit(max_rows)
+    )
+    return _frame(conn, query, times=("evaluated_at",))
+
+
+def recent_latencies(conn: Connection, max_rows: int = 20_000) -> pd.DataFrame:
+    """Scoring latency of the newest predictions."""
+    query = (
+        sa.select(predictions.c.scored_at, predictions.c.latency_ms, predictions.c.model_version)
+        .order_by(predictions.c.scored_at.desc())
+        .limit(max_rows)
+    )
+    return _frame(conn, query, times=("scored_at",))
+
+
+def user_events(conn: Connection, user_id: str, max_rows: int = 500) -> pd.DataFrame:
+    """One user's newest events."""
+    query = (
+        sa.select(
+            user_activity.c.ts,
+            user_activity.c.event_type,
+            user_activity.c.numeric_values,
+            user_activity.c.categorical_values,
+        )
+        .where(user_activity.c.user_id == user_id)
+        .order_by(user_activity.c.ts.desc())
+        .limit(max_rows)
+    )
+    return _frame(conn, query, times=("ts",))
+
+
+def user_scores(conn: Connection, user_id: str, max_rows: int = 1000) -> pd.DataFrame:
+    """One user's newest predictions."""
+    query = (
+        sa.select(
+            predictions.c.scored_at,
+            *(predictions.c[c] for c in SCORE_COLUMNS),
+            predictions.c.model_version,
+        )
+        .where(predictions.c.user_id == user_id)
+        .order_by(predictions.c.scored_at.desc())
+        .limit(max_rows)
+    )
+    return _frame(conn, query, times=("scored_at",))
