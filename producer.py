@@ -6,17 +6,28 @@ speed; simulated time never runs ahead of the wall clock, so the live phase sett
 real time once it catches up.
 
     python producer.py --users 1000 --backfill-days 30 --rate 500 --seed 7
+
+With ``--replay`` it streams a real dataset instead, in event-time order, and releases the
+dataset's outcomes when they would have become known (``churn_stream.replay``):
+
+    python producer.py --replay kdd2015 --replay-speed 2 --limit-users 2000 --seed 7
+    python producer.py --replay export.csv --replay-config mapping.toml
 """
 
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import typer
 
+from churn_stream.errors import ConfigurationError
 from churn_stream.kafka_io import make_producer
 from churn_stream.pacing import Pacer
 from churn_stream.produce import publish
+from churn_stream.replay.run import ReplayOptions, run_replay
 from churn_stream.runtime import serve_metrics, start_service
+from churn_stream.settings import Settings
 from churn_stream.simulator import Simulator
 
 log = logging.getLogger("producer")
@@ -38,10 +49,30 @@ def main(
     drift_at: float | None = typer.Option(
         None, help="Shift behaviour (a price change) this many simulated days after the start."
     ),
+    replay: str | None = typer.Option(
+        None,
+        help="Replay a dataset instead of simulating: kdd2015, telco, NAME:PATH, a KDD course "
+        "folder, a mapping file (.json/.toml), or a data file with --replay-config.",
+    ),
+    replay_speed: float = typer.Option(
+        0.0, min=0, help="Replay pace in dataset days per second; 0 = as fast as possible."
+    ),
+    replay_config: str | None = typer.Option(
+        None, help="Column mapping (JSON or TOML) for a generic CSV or JSON Lines file."
+    ),
+    limit_users: int | None = typer.Option(
+        None, min=1, help="Replay only a random subset of this many users, chosen by --seed."
+    ),
 ) -> None:
-    """Simulate users and publish their activity events."""
+    """Simulate users (or replay a dataset) and publish their activity events."""
     settings, stopping = start_service("producer")
     serve_metrics(settings.producer_metrics_port)
+    if replay is not None:
+        config = Path(replay_config) if replay_config else None
+        options = ReplayOptions(replay, config, speed_days_per_s=replay_speed,
+                                limit_users=limit_users, seed=seed)
+        _replay(settings, stopping, options)
+        return
     now = datetime.now(UTC)
     start = now - timedelta(days=backfill_days + live_days)
     live_from = now - timedelta(days=live_days)
@@ -61,6 +92,17 @@ def main(
     )
     producer.close()
     log.info("producer stopped after %d events", sent)
+
+
+def _replay(settings: Settings, stopping: threading.Event, options: ReplayOptions) -> None:
+    producer = make_producer(settings.bootstrap_servers)
+    try:
+        run_replay(options, producer, settings.topic_activity, stopping)
+    except ConfigurationError as exc:
+        log.error("cannot replay %s: %s", options.name_or_path, exc)
+        raise typer.Exit(2) from None
+    finally:
+        producer.close()
 
 
 if __name__ == "__main__":
