@@ -45,3 +45,7 @@ class NotEnoughData(ChurnStreamError):
 
 class TrainingFailed(ChurnStreamError):
     """A training run failed; the model that was serving keeps serving."""
+
+
+class InvalidCommand(ChurnStreamError):
+    """A record on ``model-control`` that is not a valid command; it is skipped."""
