@@ -1,0 +1,127 @@
+"""The predictor's HTTP API, served by uvicorn on a thread of the predictor process.
+
+``/health``, ``/model`` (what is serving; never a secret), ``/predict/{user_id}`` (a score now,
+from the state this instance holds or the user's stored history) and ``/metrics``.
+"""
+
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Protocol
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+log = logging.getLogger(__name__)
+
+
+class Contribution(BaseModel):
+    """How much one feature pushes a user's score, by the tree model's explanation."""
+
+    feature: str
+    contribution: float
+
+
+class PredictionOut(BaseModel):
+    """A user's churn score now, each model's score and the features that drive it."""
+
+    user_id: str
+    model_version: str
+    as_of: datetime
+    score: float
+    scores: dict[str, float]
+    top_features: list[Contribution]
+
+
+class ModelOut(BaseModel):
+    """The serving model."""
+
+    version: str
+    trained_at: datetime
+    rows: int
+    features: list[str]
+    sequence_channels: list[str]
+    sequence_days: int
+    metrics: dict[str, dict[str, float | None]]
+    weights: dict[str, float]
+
+
+class HealthOut(BaseModel):
+    """Whether the predictor serves, and what."""
+
+    status: str
+    instance: str
+    model_version: str | None
+    tracked_users: int
+    retraining: bool
+
+
+class Serving(Protocol):
+    """What the HTTP API needs from the predictor."""
+
+    def health(self) -> HealthOut: ...
+    def model_out(self) -> ModelOut | None: ...
+    def predict_now(self, user_id: str) -> PredictionOut | None: ...
+
+
+def create_app(serving: Serving) -> FastAPI:
+    """The FastAPI application over ``serving``."""
+    app = FastAPI(title="churn-stream predictor", version="1")
+
+    @app.get("/health", response_model=HealthOut)
+    def health(response: Response) -> HealthOut:
+        state = serving.health()
+        if state.model_version is None:
+            response.status_code = 503
+        return state
+
+    @app.get("/model", response_model=ModelOut)
+    def model() -> ModelOut:
+        described = serving.model_out()
+        if described is None:
+            raise HTTPException(503, "no model yet: the first training run has not finished")
+        return described
+
+    @app.get("/predict/{user_id}", response_model=PredictionOut)
+    def predict(user_id: str) -> PredictionOut:
+        if serving.model_out() is None:
+            raise HTTPException(503, "no model yet: the first training run has not finished")
+        prediction = serving.predict_now(user_id)
+        if prediction is None:
+            raise HTTPException(404, f"unknown user {user_id!r}: no events seen or stored")
+        return prediction
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class HttpServer:
+    """uvicorn on a daemon thread; signals stay with the service's main thread."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self.address = f"http://{host}:{port}"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start serving and wait until the socket listens."""
+        self.thread.start()
+        deadline_s = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline_s:
+                raise RuntimeError(f"the HTTP API did not start on {self.address}")
+            time.sleep(0.02)
+        log.info("HTTP API on %s (/health /model /predict/{user_id} /metrics)", self.address)
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.server.should_exit = True
+        self.thread.join(5.0)

@@ -1,0 +1,110 @@
+"""Wiring of the predictor service: clients, state, model, loop, HTTP API; start and stop."""
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+import sqlalchemy as sa
+from kafka import KafkaConsumer
+
+from churn_stream import storage, training
+from churn_stream.drift import DriftPolicy, DriftWindow, Thresholds
+from churn_stream.features import FeatureStore
+from churn_stream.kafka_io import ensure_topics, make_consumer, make_producer
+from churn_stream.predictor.commands import ControlListener
+from churn_stream.predictor.drift_watch import DriftWatch
+from churn_stream.predictor.http import HttpServer, create_app
+from churn_stream.predictor.retrain import ModelHolder, Retrainer
+from churn_stream.predictor.service import Predictor
+from churn_stream.predictor.serving import Serving
+from churn_stream.predictor.state import UserState
+from churn_stream.settings import Settings
+
+log = logging.getLogger("predictor")
+# The consume loop holds the GIL in short steps; a shorter switch interval lets the HTTP
+# thread answer /predict within milliseconds while the loop is busy.
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
+def instance_name() -> str:
+    """This process among the predictors: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def make_retrainer(settings: Settings, engine: sa.Engine, instance: str,
+                   holder: ModelHolder) -> Retrainer:
+    """The retrainer with the project's training and promotion judge."""
+    return Retrainer(engine, instance, holder, training.train, training.compare_on_holdout,
+                     promotion_tolerance=settings.promotion_tolerance,
+                     failure_injection=settings.retrain_failure_injection)
+
+
+def make_drift_watch(settings: Settings, engine: sa.Engine, instance: str,
+                     retrainer: Retrainer) -> DriftWatch:
+    """The drift check configured from the settings."""
+    thresholds = Thresholds(psi=settings.drift_psi_threshold, ks=settings.drift_ks_threshold,
+                            score_psi=settings.drift_score_psi_threshold)
+    policy = DriftPolicy(feature_share=settings.drift_feature_share,
+                         persistence=settings.drift_persistence,
+                         min_rows=settings.drift_min_rows, cooldown_s=settings.drift_cooldown_s)
+    window = DriftWindow(settings.drift_window_rows, settings.drift_window_s)
+    return DriftWatch(engine, instance, window, policy, thresholds, retrainer.request)
+
+
+def run(settings: Settings, stopping: threading.Event) -> None:
+    """Run the predictor until ``stopping`` is set."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    instance = instance_name()
+    engine = storage.make_engine(settings.resolved_database_url())
+    storage.create_schema(engine)
+    ensure_topics(settings)
+    holder = ModelHolder()
+    state = UserState(FeatureStore(), engine)
+    retrainer = make_retrainer(settings, engine, instance, holder)
+    http = HttpServer(create_app(Serving(instance, holder, state, retrainer)),
+                      settings.predictor_http_host, settings.predictor_port)
+    http.start()
+    control = ControlListener(
+        KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+                      enable_auto_commit=False),
+        settings.topic_control, retrainer.request,
+    )
+    try:
+        if retrainer.train_initial(stopping, settings.predictor_train_retry_s) is None:
+            return
+        consume(settings, engine, state, holder, retrainer, control, instance, stopping)
+    finally:
+        control.close()
+        http.stop()
+        engine.dispose()
+
+
+def consume(settings: Settings, engine: sa.Engine, state: UserState, holder: ModelHolder,
+            retrainer: Retrainer, control: ControlListener, instance: str,
+            stopping: threading.Event) -> None:
+    """The consume loop, with its clients closed however it ends."""
+    producer = make_producer(settings.bootstrap_servers)
+    consumer = make_consumer(settings.bootstrap_servers, settings.predictor_group,
+                             max_poll_records=settings.predictor_batch_max_records)
+    predictor = Predictor(
+        consumer, producer, engine, state, holder, retrainer,
+        make_drift_watch(settings, engine, instance, retrainer), settings.topic_predictions,
+        max_records=settings.predictor_batch_max_records,
+        max_wait_ms=settings.predictor_batch_max_wait_ms,
+        max_event_ahead_s=settings.max_event_ahead_s, stopping=stopping,
+    )
+    predictor.control_poll = control.poll
+    consumer.subscribe([settings.topic_activity], listener=predictor.listener())
+    log.info("predictor %s started: %s -> predictions, %s; model %s", instance,
+             settings.topic_activity, settings.topic_predictions, holder.current.version)
+    started = time.monotonic()
+    try:
+        predictor.run()
+    finally:
+        consumer.close(autocommit=False)
+        producer.close()
+        log.info("predictor stopped after %d predictions in %.0f s", predictor.predicted,
+                 time.monotonic() - started)

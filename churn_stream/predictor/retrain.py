@@ -1,0 +1,191 @@
+"""Training runs of the predictor: the first one at start, the others in the background.
+
+Training never blocks the consume loop: a retrain runs on a thread of its own (scikit-learn,
+XGBoost and TensorFlow do their heavy work outside the GIL) while the loop keeps polling. A
+candidate replaces the serving model only if it is not worse on recent labelled data: its
+ROC-AUC on its own time-based holdout (the latest labelled examples) against the serving
+model's on that same holdout, within ``promotion_tolerance``. The swap is one reference
+assignment, atomic for every reader. A run that fails, however it fails (an exception, a
+``MemoryError``), is logged, counted and recorded, and the serving model keeps serving.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from churn_stream.errors import NotEnoughData
+from churn_stream.models import ChurnModel
+from churn_stream.predictor import runs
+from churn_stream.predictor.metrics import (
+    MODEL_INFO,
+    MODEL_VERSION,
+    PROMOTIONS,
+    RETRAIN_FAILURES,
+    RETRAIN_SECONDS,
+    RETRAINS,
+)
+
+log = logging.getLogger(__name__)
+Train = Callable[..., ChurnModel]
+"""``training.train``'s shape: ``(engine, version, *, failure_injection=...) -> ChurnModel``."""
+Judge = Callable[[ChurnModel, ChurnModel], tuple[float, float]]
+"""``(candidate, current) -> (candidate ROC-AUC, current ROC-AUC)`` on recent labelled data."""
+
+
+class ModelHolder:
+    """The serving model; readers take ``current`` once per batch and use that reference."""
+
+    def __init__(self) -> None:
+        self.current: ChurnModel | None = None
+
+    def promote(self, model: ChurnModel) -> None:
+        """Serve ``model`` from now on."""
+        self.current = model
+        MODEL_VERSION.set(runs.version_number(model.version))
+        MODEL_INFO.info({"version": model.version, "trained_at": model.trained_at.isoformat(),
+                         "rows": str(model.rows)})
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one training run ended."""
+
+    version: str
+    reason: str
+    promoted: bool
+    error: str | None
+
+
+class Retrainer:
+    """Starts training runs, records them in ``model_runs`` and promotes the good ones."""
+
+    def __init__(self, engine: sa.Engine, instance: str, holder: ModelHolder, train: Train,
+                 judge: Judge, promotion_tolerance: float = 0.01,
+                 failure_injection: str | None = None) -> None:
+        self.engine = engine
+        self.instance = instance
+        self.holder = holder
+        self.train = train
+        self.judge = judge
+        self.promotion_tolerance = promotion_tolerance
+        self.failure_injection = failure_injection
+        self.outcomes: list[RunOutcome] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pending: str | None = None
+        self.last_started_s: float | None = None
+        """When the latest run started (``time.monotonic``); drift's cooldown runs from it."""
+
+    def train_initial(self, stopping: threading.Event, retry_s: float) -> ChurnModel | None:
+        """Train the first model, waiting while there is not enough labelled history.
+
+        Returns None only if a stop was asked for first.
+        """
+        while not stopping.is_set():
+            outcome = self.run("start")
+            if outcome.promoted:
+                return self.holder.current
+            log.info("no model yet (%s); trying again in %.0f s", outcome.error, retry_s)
+            stopping.wait(retry_s)
+        return None
+
+    @property
+    def running(self) -> bool:
+        """Whether a background run is in progress."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def request(self, reason: str) -> bool:
+        """Start a background run now, or as soon as the one in progress ends.
+
+        Returns whether it started now. Requests made during a run collapse into one.
+        """
+        with self._lock:
+            if self.running:
+                log.info("retrain (%s) asked for during a run; it will follow", reason)
+                self._pending = reason
+                return False
+            self._thread = threading.Thread(
+                target=self._background, args=(reason,), name=f"retrain-{reason}", daemon=True
+            )
+            self._thread.start()
+            return True
+
+    def _background(self, reason: str) -> None:
+        while reason:
+            self.run(reason)
+            with self._lock:
+                reason, self._pending = self._pending or "", None
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Wait for the background run (if any) to end."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def run(self, reason: str) -> RunOutcome:
+        """One training run, recorded from start to end; never raises for a failed run."""
+        RETRAINS.labels(reason).inc()
+        self.last_started_s = started = time.monotonic()
+        try:
+            run_id, version = runs.start_run(self.engine, self.instance, reason)
+        except sa.exc.SQLAlchemyError as exc:
+            RETRAIN_FAILURES.labels(reason).inc()
+            log.error("could not record a training run (%s); not training", exc)
+            return RunOutcome("", reason, False, f"database: {exc}")
+        log.info("training run %s started (reason %s)", version, reason)
+        rows, metrics, promoted, error = 0, {}, False, None
+        try:
+            candidate = self._train(version, reason)
+            rows, metrics = candidate.rows, self._metrics(candidate)
+            promoted = self._consider(candidate, reason, metrics)
+        except NotEnoughData as exc:
+            error = f"not enough data: {exc}"
+            log.info("training run %s: %s", version, error)
+        except (Exception, MemoryError) as exc:  # a failed run must never stop the service
+            error = f"{type(exc).__name__}: {exc}"
+            RETRAIN_FAILURES.labels(reason).inc()
+            log.error("training run %s failed; the serving model stays", version, exc_info=True)
+        seconds = time.monotonic() - started
+        RETRAIN_SECONDS.observe(seconds)
+        self._record(run_id, seconds, rows, metrics, promoted, error)
+        outcome = RunOutcome(version, reason, promoted, error)
+        self.outcomes.append(outcome)
+        return outcome
+
+    def _train(self, version: str, reason: str) -> ChurnModel:
+        # The injected failure hits retrains only, so that a test starts with a model.
+        injection = self.failure_injection if reason != "start" else None
+        return self.train(self.engine, version, failure_injection=injection)
+
+    def _metrics(self, candidate: ChurnModel) -> dict[str, Any]:
+        return {"models": candidate.metrics, "weights": candidate.weights}
+
+    def _consider(self, candidate: ChurnModel, reason: str, metrics: dict[str, Any]) -> bool:
+        """Promote ``candidate`` unless it is worse than the serving model; says why in the log."""
+        current = self.holder.current
+        if current is not None:
+            candidate_auc, current_auc = self.judge(candidate, current)
+            metrics["promotion"] = {"candidate_roc_auc": candidate_auc,
+                                    "current_roc_auc": current_auc,
+                                    "current_version": current.version,
+                                    "tolerance": self.promotion_tolerance}
+            if candidate_auc < current_auc - self.promotion_tolerance:
+                log.info("model %s not promoted: holdout ROC-AUC %.4f, %s has %.4f there",
+                         candidate.version, candidate_auc, current.version, current_auc)
+                return False
+        self.holder.promote(candidate)
+        PROMOTIONS.labels(reason).inc()
+        log.info("model %s promoted (%d rows); serving it now", candidate.version, candidate.rows)
+        return True
+
+    def _record(self, run_id: int, seconds: float, rows: int, metrics: dict[str, Any],
+                promoted: bool, error: str | None) -> None:
+        try:
+            runs.finish_run(self.engine, run_id, seconds, rows, metrics, promoted, error)
+        except sa.exc.SQLAlchemyError:
+            log.error("could not record the end of training run %d", run_id, exc_info=True)

@@ -1,0 +1,77 @@
+"""What the HTTP API shows: health, the serving model, a user's score now."""
+
+import logging
+
+import numpy as np
+
+from churn_stream.predictor.http import (
+    Contribution,
+    HealthOut,
+    ModelOut,
+    PredictionOut,
+)
+from churn_stream.predictor.retrain import ModelHolder, Retrainer
+from churn_stream.predictor.state import UserState
+
+log = logging.getLogger(__name__)
+TOP_FEATURES = 5
+
+
+class Serving:
+    """Reads the predictor's state for the HTTP thread; never writes it."""
+
+    def __init__(self, instance: str, holder: ModelHolder, state: UserState,
+                 retrainer: Retrainer) -> None:
+        self.instance = instance
+        self.holder = holder
+        self.state = state
+        self.retrainer = retrainer
+
+    def health(self) -> HealthOut:
+        """Serving once a model is in place; training before."""
+        model = self.holder.current
+        return HealthOut(
+            status="serving" if model else "training",
+            instance=self.instance,
+            model_version=model.version if model else None,
+            tracked_users=len(self.state.store),
+            retraining=self.retrainer.running,
+        )
+
+    def model_out(self) -> ModelOut | None:
+        """The serving model's description, or None before the first one."""
+        model = self.holder.current
+        if model is None:
+            return None
+        return ModelOut(
+            version=model.version, trained_at=model.trained_at, rows=model.rows,
+            features=list(model.space.feature_names),
+            sequence_channels=list(model.space.sequence_channels),
+            sequence_days=model.space.sequence_days,
+            metrics={m: {k: _finite_or_none(v) for k, v in values.items()}
+                     for m, values in model.metrics.items()},
+            weights=dict(model.weights),
+        )
+
+    def predict_now(self, user_id: str) -> PredictionOut | None:
+        """``user_id``'s score as of the stream's clock; None if the user is unknown."""
+        model = self.holder.current
+        if model is None:
+            return None
+        found = self.state.lookup(user_id, model.space)
+        if found is None:
+            return None
+        rows, sequences = found
+        scores = model.score(rows, sequences)
+        top = model.explain(rows[0], top_k=TOP_FEATURES)
+        return PredictionOut(
+            user_id=user_id, model_version=model.version, as_of=self.state.now(),
+            score=float(scores.blend[0]),
+            scores={"rf": float(scores.rf[0]), "xgb": float(scores.xgb[0]),
+                    "seq": float(scores.seq[0]), "blend": float(scores.blend[0])},
+            top_features=[Contribution(feature=f, contribution=float(c)) for f, c in top],
+        )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None

@@ -1,0 +1,114 @@
+"""Per-user state of the partitions this instance owns, rebuilt from the database on first sight.
+
+A user's events all go to one partition, so one instance holds each user's state. When a
+partition moves here (a rebalance, a restart) its users are unknown; before such a user is
+scored for the first time, their history is read from ``user_activity`` (what the consumer
+stored before the first event in hand) and replayed into the feature store. Replaying only
+what precedes the batch keeps an event from being counted twice when it is both in the table
+and in the batch, as happens when a batch is redelivered after a crash.
+"""
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+import sqlalchemy as sa
+
+from churn_stream import storage
+from churn_stream.events import Event
+from churn_stream.features import FeatureSpace, FeatureStore, events_from_rows
+from churn_stream.predictor.batching import Received
+from churn_stream.predictor.metrics import STATE_BYTES, TRACKED_USERS, USERS_REBUILT
+
+log = logging.getLogger(__name__)
+HISTORY_CHUNK = 500
+"""Users per history query: well inside every dialect's limit on bound parameters."""
+
+
+class UserState:
+    """The feature store of this instance, safe to read from the HTTP thread."""
+
+    def __init__(self, store: FeatureStore, engine: sa.Engine) -> None:
+        self.store = store
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.partition_of: dict[str, int] = {}
+        self.clock: datetime | None = None
+        """The stream's clock: the latest event time seen by this instance."""
+
+    def apply(self, received: Sequence[Received]) -> None:
+        """Rebuild the users seen for the first time, then add the batch's events."""
+        first_ts: dict[str, datetime] = {}
+        for item in received:
+            first_ts.setdefault(item.event.user_id, item.event.ts)
+        new_users = [u for u in first_ts if u not in self.store]
+        history = self._history(new_users, first_ts) if new_users else {}
+        events = [item.event for item in received]
+        with self.lock:
+            for user_id, past in history.items():
+                self.store.rebuild(user_id, past)
+            self.store.update(events)
+            for item in received:
+                self.partition_of[item.event.user_id] = item.partition
+            latest = max(e.ts for e in events)
+            self.clock = latest if self.clock is None else max(self.clock, latest)
+        USERS_REBUILT.inc(len(new_users))
+        self.export()
+
+    def _history(self, user_ids: list[str], before: dict[str, datetime]) -> dict[str, list[Event]]:
+        """Each user's stored events older than their first event in the batch, in time order."""
+        history: dict[str, list[Event]] = {u: [] for u in user_ids}
+        table = storage.user_activity
+        with self.engine.connect() as conn:
+            for start in range(0, len(user_ids), HISTORY_CHUNK):
+                chunk = user_ids[start:start + HISTORY_CHUNK]
+                query = sa.select(table).where(table.c.user_id.in_(chunk)).order_by(table.c.ts)
+                for event in events_from_rows(conn.execute(query).mappings().all()):
+                    if event.ts < before[event.user_id]:
+                        history[event.user_id].append(event)
+        return history
+
+    def matrix(self, user_ids: Sequence[str], as_of: datetime,
+               space: FeatureSpace) -> tuple[np.ndarray, np.ndarray]:
+        """Feature rows and sequences of ``user_ids`` as of ``as_of``."""
+        with self.lock:
+            return self.store.matrix(user_ids, as_of, space)
+
+    def now(self) -> datetime:
+        """The stream's clock, or the wall clock before any event arrived."""
+        return self.clock or datetime.now(UTC)
+
+    def lookup(self, user_id: str, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray] | None:
+        """One user's features now: from the store, else from stored history; None if unknown.
+
+        A user read from the database is not added to the store: their partition may belong
+        to another instance.
+        """
+        as_of = self.now()
+        with self.lock:
+            if user_id in self.store:
+                return self.store.matrix([user_id], as_of, space)
+        past = self._history([user_id], {user_id: datetime.max.replace(tzinfo=UTC)})[user_id]
+        if not past:
+            return None
+        scratch = FeatureStore(space, capacity=1)
+        scratch.rebuild(user_id, past)
+        return scratch.matrix([user_id], max(as_of, past[-1].ts), space)
+
+    def forget_partitions(self, partitions: Iterable[int]) -> int:
+        """Drop the state of every user of ``partitions``; returns how many were dropped."""
+        gone = set(partitions)
+        with self.lock:
+            users = [u for u, p in self.partition_of.items() if p in gone]
+            self.store.forget(users)
+            for user_id in users:
+                del self.partition_of[user_id]
+        self.export()
+        return len(users)
+
+    def export(self) -> None:
+        """Publish the state's size as gauges."""
+        TRACKED_USERS.set(len(self.store))
+        STATE_BYTES.set(self.store.nbytes())
