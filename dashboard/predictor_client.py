@@ -29,7 +29,8 @@ def fetch_top_features(base_url: str, user_id: str, timeout_s: float = 2.0) -> F
         log.debug("predictor at %s unreachable for user %s: %s", base_url, user_id, error)
         return FeatureAnswer([], f"the predictor at {base_url} did not answer ({error})")
     if response.status_code != 200:
-        return FeatureAnswer([], f"the predictor answered HTTP {response.status_code}")
+        return FeatureAnswer([], f"the predictor answered HTTP {response.status_code}"
+                                 f"{_detail(response)}")
     try:
         features = parse_top_features(response.json().get("top_features"))
     except (ValueError, TypeError, AttributeError) as error:
@@ -66,3 +67,12 @@ def _first(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
         if key in record:
             return record[key]
     raise ValueError(f"a top feature needs one of {', '.join(keys)}: {record}")
+
+
+def _detail(response: httpx.Response) -> str:
+    """The ``detail`` of a FastAPI error answer, as ``: <detail>``, if it has one."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {detail}" if isinstance(detail, str) else ""

@@ -154,18 +154,33 @@ def model_runs_frame(conn: Connection, limit: int = 50) -> pd.DataFrame:
 
 
 def flatten_metrics(runs: pd.DataFrame) -> pd.DataFrame:
-    """Spread the nested ``metrics`` JSON ({model: {metric: value}}) into columns."""
-    flat = [
-        {
-            f"{model} {metric}": value
-            for model, values in (metrics or {}).items()
-            if isinstance(values, dict)
-            for metric, value in values.items()
-        }
-        for metrics in runs.get("metrics", [])
-    ]
+    """Spread each run's ``metrics`` JSON into ``<model> <metric>`` columns.
+
+    The predictor writes ``{"models": {model: {metric: value}}, "weights": {model: w}}``;
+    a flat ``{model: {metric: value}}`` reads the same.
+    """
+    flat = [_flat_metrics(metrics) for metrics in runs.get("metrics", [])]
     spread = pd.DataFrame(flat, index=runs.index)
     return pd.concat([runs.drop(columns=["metrics"], errors="ignore"), spread], axis=1)
+
+
+def _flat_metrics(metrics: Any) -> dict[str, float]:
+    if not isinstance(metrics, dict):
+        return {}
+    models = metrics.get("models")
+    per_model = models if isinstance(models, dict) else metrics
+    flat = {
+        f"{model} {name}": value
+        for model, values in per_model.items()
+        if isinstance(values, dict) and model not in ("weights", "promotion")
+        for name, value in values.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    weights = metrics.get("weights")
+    if isinstance(weights, dict):
+        flat.update({f"{model} weight": w for model, w in weights.items()
+                     if isinstance(w, int | float)})
+    return flat
 
 
 def live_performance(conn: Connection, limit: int = 2000) -> pd.DataFrame:

@@ -97,9 +97,10 @@ def _prediction_rows(
     return rows
 
 
-def _metrics(rng_seed: int, level: float) -> dict[str, dict[str, float]]:
+def _metrics(rng_seed: int, level: float) -> dict[str, dict]:
+    """Validation metrics in the predictor's shape: per model, and the blend's weights."""
     rng = np.random.default_rng(rng_seed)
-    return {
+    models = {
         model: {
             "roc_auc": round(level + offset + float(rng.normal(0, 0.01)), 4),
             "pr_auc": round(level - 0.2 + offset, 4),
@@ -108,6 +109,7 @@ def _metrics(rng_seed: int, level: float) -> dict[str, dict[str, float]]:
         }
         for model, offset in (("rf", -0.01), ("xgb", 0.0), ("seq", -0.03), ("blend", 0.01))
     }
+    return {"models": models, "weights": {"rf": 0.3, "xgb": 0.45, "seq": 0.25}}
 
 
 def _model_runs(start: datetime, retrain_at: datetime, now: datetime) -> list[dict]:
