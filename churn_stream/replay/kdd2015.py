@@ -176,7 +176,6 @@ class Kdd2015Source:
         counts: list[DayCount] = []
         midday_of: dict[date, datetime] = {}
         for day, user_id, row in _read_rows(course, self.report):
-            self.report.rows_read += 1
             if self.only_users is not None and user_id not in self.only_users:
                 continue
             midday = midday_of.setdefault(day, datetime.combine(day, DAY_STAMP, UTC))
@@ -232,6 +231,7 @@ def _read_rows(
         reader = csv.reader(handle)
         user_at, time_at, count_at = _columns(course, next(reader, []))
         for line, row in enumerate(reader, start=2):
+            report.rows_read += 1
             if len(row) <= max(user_at, time_at):
                 row = row + [""] * (max(user_at, time_at) + 1 - len(row))
             user_id = row[user_at].strip()
