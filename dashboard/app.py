@@ -66,10 +66,13 @@ def load_missing_tables(url: str) -> list[str]:
 def sidebar(settings: Settings) -> Controls:
     """The controls, and where the data comes from."""
     st.sidebar.header("View")
-    window_h = st.sidebar.select_slider("Time window (hours)", WINDOW_CHOICES_H, value=24)
-    threshold = st.sidebar.slider("Risk threshold", 0.05, 0.95, settings.risk_threshold, 0.05)
-    only_at_risk = st.sidebar.checkbox("At-risk table: only users above the threshold", True)
-    refresh_s = st.sidebar.slider("Refresh every (s)", 2, 60, 5)
+    window_h = st.sidebar.select_slider("Time window (hours)", WINDOW_CHOICES_H, value=24,
+                                        key="window_h")
+    threshold = st.sidebar.slider("Risk threshold", 0.05, 0.95, settings.risk_threshold, 0.05,
+                                  key="threshold")
+    only_at_risk = st.sidebar.checkbox("At-risk table: only users above the threshold", True,
+                                       key="only_at_risk")
+    refresh_s = st.sidebar.slider("Refresh every (s)", 2, 60, 5, key="refresh_s")
     st.sidebar.caption(f"Database: `{mask_url(settings.resolved_database_url())}`")
     st.sidebar.caption(f"Predictor: `{settings.predictor_url}`")
     return Controls(float(window_h), float(refresh_s), float(threshold), only_at_risk)
@@ -85,7 +88,7 @@ def main() -> None:
     st.title("Churn risk, live")
     try:
         missing = load_missing_tables(url)
-    except sa.exc.SQLAlchemyError as error:
+    except (sa.exc.SQLAlchemyError, OSError) as error:
         st.error(f"Cannot read the database at `{mask_url(url)}`: {_reason(error)}")
         return
     if missing:
@@ -227,11 +230,11 @@ def drilldown_section(url: str, controls: Controls, predictor_url: str) -> None:
         if scores.empty:
             return
         st.subheader("User drill-down")
-        user_id = st.selectbox("User (riskiest first; type any user id)",
-                               scores["user_id"].head(AT_RISK_ROWS).tolist(),
-                               accept_new_options=True, key="drilldown_user")
-        if not user_id:
-            return
+        pick, lookup = st.columns([3, 2])
+        chosen = pick.selectbox("User, riskiest first", scores["user_id"].head(AT_RISK_ROWS),
+                                key="drilldown_user")
+        typed = lookup.text_input("or look up any user id", key="drilldown_lookup").strip()
+        user_id = typed or chosen
         timeline, history, drivers = st.columns(3)
         events = load(url, "user_events", user_id)
         history_frame = load(url, "user_scores", user_id)

@@ -83,7 +83,7 @@ def _mark_retrains(figure: go.Figure, retrains: pd.DataFrame, times: pd.Series) 
     if retrains.empty or times.empty:
         return
     start, end = times.min(), times.max()
-    for run in retrains.itertuples():
+    for run in retrains.sort_values("started_at").itertuples():
         if not start <= run.started_at <= end:
             continue
         color = "#2ca02c" if run.promoted else "#7f7f7f"

@@ -38,7 +38,10 @@ class epoch_seconds(FunctionElement):  # noqa: N801 - SQL functions read lower c
 
 @compiles(epoch_seconds, "sqlite")
 def _epoch_seconds_sqlite(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
-    return f"CAST(strftime('%s', {compiler.process(element.clauses, **kw)}) AS INTEGER)"
+    # SQLite keeps times to the millisecond and would round 59.9996 s up to the next
+    # second; cutting the stored text at whole seconds truncates, as SQL Server does.
+    column = compiler.process(element.clauses, **kw)
+    return f"CAST(strftime('%s', substr({column}, 1, 19)) AS INTEGER)"
 
 
 @compiles(epoch_seconds, "mssql")

@@ -27,6 +27,8 @@ class SampleSummary:
 
     users: int
     events: int
+    newest_event_ts: list[datetime]
+    """Event times (naive UTC) of the newest five minutes of activity, newest last."""
     predictions: int
     latest_scores: dict[str, float]
     served_version: str
@@ -60,12 +62,18 @@ def seed_sample_data(
     return SampleSummary(
         users=len({e.user_id for e in events}),
         events=len(events),
+        newest_event_ts=_newest_minutes(events, minutes=5),
         predictions=len(scores),
         latest_scores=latest,
         served_version="v2",
         live_roc_auc=performance[-1]["roc_auc"],
         retrain_times=[storage.to_db_time(retrain_at)],
     )
+
+
+def _newest_minutes(events: list, minutes: float) -> list[datetime]:
+    times = sorted(storage.to_db_time(e.ts) for e in events)
+    return [t for t in times if t > times[-1] - timedelta(minutes=minutes)] if times else []
 
 
 def _prediction_rows(

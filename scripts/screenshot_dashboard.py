@@ -101,7 +101,7 @@ def capture(browser: webdriver.Chrome, url: str, out: Path, min_charts: int,
     """
     browser.get(url)
     WebDriverWait(browser, timeout_s).until(
-        lambda b: len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")) >= min_charts
+        lambda b: len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= min_charts
     )
     time.sleep(SETTLE_S)  # Plotly animates its first draw; let it finish.
     if full_page:
