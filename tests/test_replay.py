@@ -106,6 +106,7 @@ KDD_OUTCOMES = [
 @pytest.mark.timeout(30)
 def test_kdd_events_exact_in_time_order_across_courses(kdd_dir: Path) -> None:
     source = Kdd2015Source(kdd_dir)
+    assert isinstance(source, ReplaySource)
     events = list(source.events())
     assert brief(events) == KDD_EXPECTED
     assert {e.categorical["course"] for e in events if e.user_id in "12"} == {"10"}

@@ -7,7 +7,6 @@ for a blank one; the readers turn both into counted entries of the replay report
 import gzip
 import math
 import re
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
 from typing import IO, Any
@@ -113,10 +112,3 @@ def parse_text(value: Any) -> str | None:
 def days(n_days: float) -> timedelta:
     """``n_days`` as a timedelta (a readable unit at call sites)."""
     return timedelta(days=n_days)
-
-
-def numbered_lines(handle: IO[str]) -> Iterator[tuple[int, str]]:
-    """Non-empty lines with their 1-based line numbers."""
-    for number, line in enumerate(handle, start=1):
-        if line.strip():
-            yield number, line

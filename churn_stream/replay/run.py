@@ -51,6 +51,7 @@ class ReplayResult:
 
     @property
     def events_per_s(self) -> float:
+        """Events sent per wall second, reading and pacing included."""
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
