@@ -25,7 +25,8 @@ from churn_stream.errors import ConfigurationError
 from churn_stream.kafka_io import make_producer
 from churn_stream.pacing import Pacer
 from churn_stream.produce import publish
-from churn_stream.replay.run import ReplayOptions, run_replay
+from churn_stream.replay.run import ReplayOptions, log_outcomes, run_replay
+from churn_stream.reporting import FeedbackClient, replay_reporter, start_reporting
 from churn_stream.runtime import serve_metrics, start_service
 from churn_stream.settings import Settings
 from churn_stream.simulator import Simulator
@@ -63,6 +64,18 @@ def main(
     limit_users: int | None = typer.Option(
         None, min=1, help="Replay only a random subset of this many users, chosen by --seed."
     ),
+    report_outcomes: bool = typer.Option(
+        False, help="Report true outcomes to the feedback API over HTTP, as a CRM would."
+    ),
+    report_share: float = typer.Option(
+        0.5, min=0, max=1, help="Share of simulated users whose outcomes are reported."
+    ),
+    report_delay_s: float = typer.Option(
+        600.0, min=0, help="Typical seconds from an outcome to its report (+-50%)."
+    ),
+    feedback_url: str | None = typer.Option(
+        None, help="Feedback API base URL; default FEEDBACK_API_URL."
+    ),
 ) -> None:
     """Simulate users (or replay a dataset) and publish their activity events."""
     settings, stopping = start_service("producer")
@@ -71,7 +84,8 @@ def main(
         config = Path(replay_config) if replay_config else None
         options = ReplayOptions(replay, config, speed_days_per_s=replay_speed,
                                 limit_users=limit_users, seed=seed)
-        _replay(settings, stopping, options)
+        client = _feedback_client(settings, feedback_url, stopping) if report_outcomes else None
+        _replay(settings, stopping, options, client)
         return
     now = datetime.now(UTC)
     start = now - timedelta(days=backfill_days + live_days)
@@ -84,6 +98,9 @@ def main(
         churn_share=churn_share,
         drift_at=start + timedelta(days=drift_at) if drift_at is not None else None,
     )
+    if report_outcomes:
+        client = _feedback_client(settings, feedback_url, stopping)
+        start_reporting(simulator, client, report_share, report_delay_s, stopping, seed)
     producer = make_producer(settings.bootstrap_servers)
     pacer = Pacer(live_from, rate_per_s=rate or None, speed=speed or None, stopping=stopping)
     log.info("producer started: %d users from %s, live from %s", users, start, live_from)
@@ -94,10 +111,23 @@ def main(
     log.info("producer stopped after %d events", sent)
 
 
-def _replay(settings: Settings, stopping: threading.Event, options: ReplayOptions) -> None:
+def _feedback_client(
+    settings: Settings, feedback_url: str | None, stopping: threading.Event
+) -> FeedbackClient:
+    key = settings.churn_api_key.get_secret_value() if settings.churn_api_key else None
+    return FeedbackClient(feedback_url or settings.feedback_api_url, stopping, api_key=key)
+
+
+def _replay(
+    settings: Settings,
+    stopping: threading.Event,
+    options: ReplayOptions,
+    client: FeedbackClient | None = None,
+) -> None:
     producer = make_producer(settings.bootstrap_servers)
+    report = replay_reporter(client, options.name_or_path) if client else log_outcomes
     try:
-        run_replay(options, producer, settings.topic_activity, stopping)
+        run_replay(options, producer, settings.topic_activity, stopping, report)
     except ConfigurationError as exc:
         log.error("cannot replay %s: %s", options.name_or_path, exc)
         raise typer.Exit(2) from None

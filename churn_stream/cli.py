@@ -53,7 +53,9 @@ def plan_services(settings: Settings, producer_args: list[str]) -> list[Service]
     """The services ``churn up`` runs, consumers first so that nothing waits on them."""
     return [
         python_service("consumer", "consumer.py"),
-        python_service("producer", "producer.py", *producer_args),
+        python_service("feedback-api", "feedback_api.py"),
+        python_service("feedback-loop", "feedback_loop.py"),
+        python_service("producer", "producer.py", *producer_args, "--report-outcomes"),
     ]
 
 
