@@ -38,7 +38,7 @@ def training_frames(
             "user_id": outcome.user_id,
             "churned": outcome.churned,
             "observed_at": to_db_time(outcome.known_at),
-            "source": f"replay:{source.name}",
+            "source": f"replay-{source.name}",
             "received_at": to_db_time(outcome.known_at),
         }
         for outcome in source.outcomes()
