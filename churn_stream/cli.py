@@ -67,18 +67,29 @@ def up(
     rate: float = typer.Option(500.0, min=0, help="Live events/s from the simulator."),
     seed: int = typer.Option(0, help="Simulator seed."),
     drift_at: float | None = typer.Option(None, help="Simulated day of a behaviour shift."),
+    replay: str | None = typer.Option(
+        None, help="Replay a dataset instead of simulating: kdd2015, telco, or a file path."
+    ),
+    replay_speed: float = typer.Option(
+        0.0, min=0, help="Replay pace in dataset days per second; 0 = as fast as possible."
+    ),
+    replay_config: str | None = typer.Option(None, help="Column mapping for a generic file."),
+    limit_users: int | None = typer.Option(None, min=1, help="Replay a seeded subset of users."),
 ) -> None:
     """Start the broker if needed, create topics and tables, run every service."""
     configure_logging()
     settings = get_settings()
-    producer_args = [
-        f"--users={users}",
-        f"--backfill-days={backfill_days}",
-        f"--rate={rate}",
-        f"--seed={seed}",
-    ]
-    if drift_at is not None:
-        producer_args.append(f"--drift-at={drift_at}")
+    producer_args = [f"--seed={seed}"]
+    if replay is None:
+        producer_args += [f"--users={users}", f"--backfill-days={backfill_days}", f"--rate={rate}"]
+        if drift_at is not None:
+            producer_args.append(f"--drift-at={drift_at}")
+    else:
+        producer_args += [f"--replay={replay}", f"--replay-speed={replay_speed}"]
+        if replay_config:
+            producer_args.append(f"--replay-config={replay_config}")
+        if limit_users:
+            producer_args.append(f"--limit-users={limit_users}")
     with ExitStack() as stack:
         env = dict(os.environ)
         if settings.uses_embedded_broker:
