@@ -22,6 +22,7 @@ from churn_stream import storage
 from churn_stream.api import create_app
 from churn_stream.api.schemas import MAX_BATCH_ITEMS
 from churn_stream.broker import EmbeddedBroker
+from churn_stream.errors import ConfigurationError
 from churn_stream.kafka_io import create_topics
 from churn_stream.outbox import OutboxPublisher, pending_count
 from churn_stream.settings import Settings
@@ -376,3 +377,20 @@ def test_no_5xx_for_any_input(topics: Settings, engine: sa.Engine, mode: Generat
                                    excluded_checks=[positive_data_acceptance])
 
         call()
+
+
+@pytest.mark.parametrize("host,key,refused", [
+    ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False),
+    ("0.0.0.0", None, True), ("feedback-api", None, True), ("0.0.0.0", "k", False),
+])
+def test_the_api_refuses_to_listen_beyond_loopback_without_a_key(
+    host: str, key: str | None, refused: bool
+) -> None:
+    from feedback_api import check_exposure
+
+    settings = Settings(feedback_api_host=host, churn_api_key=key)
+    if refused:
+        with pytest.raises(ConfigurationError, match="set CHURN_API_KEY"):
+            check_exposure(settings)
+    else:
+        check_exposure(settings)
