@@ -14,11 +14,11 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 
 from churn_stream import storage
-from churn_stream.events import Event
-from churn_stream.features import FeatureSpace, FeatureStore, events_from_rows
+from churn_stream.features import FeatureSpace, FeatureStore, in_time_order
 from churn_stream.predictor.batching import Received
 from churn_stream.predictor.metrics import STATE_BYTES, TRACKED_USERS, USERS_REBUILT
 
@@ -44,11 +44,12 @@ class UserState:
         for item in received:
             first_ts.setdefault(item.event.user_id, item.event.ts)
         new_users = [u for u in first_ts if u not in self.store]
-        history = self._history(new_users, first_ts) if new_users else {}
+        history = self._history(new_users, first_ts) if new_users else None
         events = [item.event for item in received]
         with self.lock:
-            for user_id, past in history.items():
-                self.store.rebuild(user_id, past)
+            if history is not None:
+                self.store.forget(new_users)
+                self.store.update_frame(history)
             self.store.update(events)
             for item in received:
                 self.partition_of[item.event.user_id] = item.partition
@@ -57,18 +58,27 @@ class UserState:
         USERS_REBUILT.inc(len(new_users))
         self.export()
 
-    def _history(self, user_ids: list[str], before: dict[str, datetime]) -> dict[str, list[Event]]:
-        """Each user's stored events older than their first event in the batch, in time order."""
-        history: dict[str, list[Event]] = {u: [] for u in user_ids}
+    def _history(self, user_ids: list[str],
+                 before: dict[str, datetime] | None = None) -> pd.DataFrame:
+        """The users' stored events (older than ``before[user]``, if given), in time order."""
         table = storage.user_activity
+        columns = [table.c.user_id, table.c.event_type, table.c.ts, table.c.numeric_values,
+                   table.c.categorical_values]
+        rows = []
         with self.engine.connect() as conn:
             for start in range(0, len(user_ids), HISTORY_CHUNK):
                 chunk = user_ids[start:start + HISTORY_CHUNK]
-                query = sa.select(table).where(table.c.user_id.in_(chunk)).order_by(table.c.ts)
-                for event in events_from_rows(conn.execute(query).mappings().all()):
-                    if event.ts < before[event.user_id]:
-                        history[event.user_id].append(event)
-        return history
+                query = sa.select(*columns).where(table.c.user_id.in_(chunk))
+                if before is not None:
+                    # A coarse bound in SQL (the latest cut of the chunk); exact ones below.
+                    latest_cut = max(before[u] for u in chunk)
+                    query = query.where(table.c.ts < storage.to_db_time(latest_cut))
+                rows.extend(conn.execute(query).all())
+        frame = pd.DataFrame(rows, columns=[c.name for c in columns])
+        if frame.empty or before is None:
+            return in_time_order(frame) if not frame.empty else frame
+        cut = frame["user_id"].map({u: storage.to_db_time(t) for u, t in before.items()})
+        return in_time_order(frame[frame["ts"] < cut])
 
     def matrix(self, user_ids: Sequence[str], as_of: datetime,
                space: FeatureSpace) -> tuple[np.ndarray, np.ndarray]:
@@ -90,12 +100,13 @@ class UserState:
         with self.lock:
             if user_id in self.store:
                 return self.store.matrix([user_id], as_of, space)
-        past = self._history([user_id], {user_id: datetime.max.replace(tzinfo=UTC)})[user_id]
-        if not past:
+        past = self._history([user_id])
+        if past.empty:
             return None
         scratch = FeatureStore(space, capacity=1)
-        scratch.rebuild(user_id, past)
-        return scratch.matrix([user_id], max(as_of, past[-1].ts), space)
+        scratch.update_frame(past)
+        last_ts = storage.from_db_time(past["ts"].iloc[-1].to_pydatetime())
+        return scratch.matrix([user_id], max(as_of, last_ts), space)
 
     def forget_partitions(self, partitions: Iterable[int]) -> int:
         """Drop the state of every user of ``partitions``; returns how many were dropped."""
