@@ -236,6 +236,23 @@ class FeatureStore:
                 _reset(self._state, np.array(slots))
                 self._free.extend(slots)
 
+    def subset(self, user_ids: Iterable[str]) -> "FeatureStore":
+        """A separate store with copies of these users' state (users not tracked are skipped)."""
+        with self._lock:
+            kept = [u for u in dict.fromkeys(user_ids) if u in self._slots]
+            rows = np.array([self._slots[u] for u in kept], dtype=np.int64)
+            copy = FeatureStore(capacity=max(len(kept), 1))
+            copy._types, copy._pairs, copy._keys = dict(self._types), dict(self._pairs), dict(
+                self._keys)
+            copy._codes = [dict(codes) for codes in self._codes]
+            copy._state = _allocate(copy._capacity, len(self._types), len(self._pairs),
+                                    len(self._keys))
+            for name, array in self._state.items():
+                copy._state[name][: len(kept)] = array[rows]
+            copy._slots = {u: i for i, u in enumerate(kept)}
+            copy._used = len(kept)
+            return copy
+
     def user_ids(self) -> list[str]:
         """Every tracked user."""
         with self._lock:
@@ -613,6 +630,10 @@ def in_time_order(history: pd.DataFrame) -> pd.DataFrame:
     return history.iloc[np.argsort(ns, kind="stable")].reset_index(drop=True)
 
 
+Snapshot = tuple[pd.Timestamp, FeatureStore, np.ndarray]
+"""(cutoff, the state of some users at that cutoff, the query rows they answer)."""
+
+
 def features_at(
     history: pd.DataFrame, queries: pd.DataFrame, space: FeatureSpace
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -621,6 +642,19 @@ def features_at(
     History is replayed once through a ``FeatureStore`` in time order, pausing at each
     distinct cutoff to read the users asked about then: the serving code path, no leakage.
     """
+    X, S, _ = replay(history, queries, space)
+    return X, S
+
+
+def replay(
+    history: pd.DataFrame, queries: pd.DataFrame, space: FeatureSpace,
+    keep: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[Snapshot]]:
+    """``features_at``, also keeping the state behind the query rows flagged in ``keep``.
+
+    The kept state lets another model, with another feature space, read the same examples.
+    """
+    snapshots: list[Snapshot] = []
     ordered = in_time_order(history)
     ns = _frame_ns(ordered)
     store = FeatureStore(space)
@@ -632,9 +666,13 @@ def features_at(
         upto = int(np.searchsorted(ns, pd.Timestamp(cutoff).value, side="right"))
         store.update_frame(ordered.iloc[done:upto])
         done = upto
-        X[rows], S[rows] = store.matrix(queries["user_id"].iloc[rows].tolist(),
-                                        pd.Timestamp(cutoff).to_pydatetime(), space)
-    return X, S
+        users = queries["user_id"].iloc[rows].tolist()
+        X[rows], S[rows] = store.matrix(users, pd.Timestamp(cutoff).to_pydatetime(), space)
+        if keep is not None and keep[rows].any():
+            flagged = rows[keep[rows]]
+            kept = store.subset(queries["user_id"].iloc[flagged].tolist())
+            snapshots.append((pd.Timestamp(cutoff), kept, flagged))
+    return X, S, snapshots
 
 
 def offline_features(
