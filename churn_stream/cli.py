@@ -55,7 +55,8 @@ def plan_services(settings: Settings, producer_args: list[str]) -> list[Service]
         python_service("consumer", "consumer.py"),
         python_service("feedback-api", "feedback_api.py"),
         python_service("feedback-loop", "feedback_loop.py"),
-        python_service("producer", "producer.py", *producer_args, "--report-outcomes"),
+        python_service("producer", "producer.py", *producer_args, "--report-outcomes",
+                       f"--feedback-url=http://127.0.0.1:{settings.feedback_api_port}"),
     ]
 
 

@@ -116,6 +116,8 @@ class FeedbackClient:
 
     def __init__(self, base_url: str, stopping: threading.Event, api_key: str | None = None,
                  timeout_s: float = 30.0) -> None:
+        # httpx logs every request at INFO; the batch summaries below say what matters.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout_s)
         self.stopping = stopping
