@@ -1,18 +1,31 @@
-"""Micro-batching and run records of the predictor: the parts that need no model."""
+"""The predictor: micro-batching and run records alone, then the service as a process."""
 
+import signal
+import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
 
+import httpx
+import numpy as np
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 from kafka.consumer.fetcher import ConsumerRecord
 
 from churn_stream import storage
+from churn_stream.control import RetrainCommand, publish_command
 from churn_stream.events import Event
+from churn_stream.features import FeatureSpace, FeatureStore
+from churn_stream.kafka_io import make_producer
 from churn_stream.predictor import runs
-from churn_stream.predictor.batching import collect, parse_batch
+from churn_stream.predictor.batching import Received, collect, parse_batch
+from churn_stream.predictor.state import UserState
+from churn_stream.settings import Settings
+from churn_stream.simulator import Simulator
+from tests.brokers import free_port
+from tests.conftest import start_service, wait_until
+from tests.simulated import DAYS, START, simulated_events
 
-pytestmark = pytest.mark.timeout(30)
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
 
@@ -45,6 +58,7 @@ class ScriptedPoll:
         return self.batches.pop(0)[:max_records]
 
 
+@pytest.mark.timeout(30)
 def test_collect_stops_at_the_size_bound() -> None:
     poll = ScriptedPoll([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     sink: list = []
@@ -54,6 +68,7 @@ def test_collect_stops_at_the_size_bound() -> None:
     assert [c[1] for c in poll.calls] == [5, 2]
 
 
+@pytest.mark.timeout(30)
 def test_collect_stops_at_the_time_bound_from_the_first_record() -> None:
     poll = ScriptedPoll([[1]] * 100)
     sink: list = []
@@ -64,6 +79,7 @@ def test_collect_stops_at_the_time_bound_from_the_first_record() -> None:
     assert sink == [1] * 6
 
 
+@pytest.mark.timeout(30)
 def test_collect_returns_after_one_empty_poll() -> None:
     poll = ScriptedPoll([])
     sink: list = []
@@ -72,6 +88,7 @@ def test_collect_returns_after_one_empty_poll() -> None:
     assert sink == [] and poll.calls == [(200, 10)]
 
 
+@pytest.mark.timeout(30)
 def test_collect_stops_when_asked() -> None:
     poll = ScriptedPoll([[1], [2], [3]])
     stopping = threading.Event()
@@ -82,6 +99,7 @@ def test_collect_stops_when_asked() -> None:
     assert sink == [1]
 
 
+@pytest.mark.timeout(30)
 def test_parse_batch_keeps_valid_events_and_skips_the_rest() -> None:
     records = [
         record(event_bytes("u1"), partition=2, offset=0, timestamp_ms=111),
@@ -97,6 +115,7 @@ def test_parse_batch_keeps_valid_events_and_skips_the_rest() -> None:
         ("u1", 2, 111), ("u4", 1, 222)]
 
 
+@pytest.mark.timeout(30)
 def test_a_run_is_recorded_when_it_starts_and_when_it_ends(engine: sa.Engine) -> None:
     first_id, first = runs.start_run(engine, "host-1", "start")
     second_id, second = runs.start_run(engine, "host-1", "drift")
@@ -111,5 +130,157 @@ def test_a_run_is_recorded_when_it_starts_and_when_it_ends(engine: sa.Engine) ->
     assert rows[1]["metrics"] == {"blend": {"roc_auc": None}}
 
 
+@pytest.mark.timeout(30)
 def test_version_numbers() -> None:
     assert runs.version_number("v12") == 12 and runs.version_number("dev") == 0
+
+
+# --- The predictor as a process, through the real broker -------------------------------------
+
+def split_history(days_live: float = 1.0) -> tuple[list[Event], list[Event]]:
+    """The shared simulated history: all but its last ``days_live`` days, and those days."""
+    events = simulated_events()
+    live_from = START + timedelta(days=DAYS - days_live)
+    return ([e for e in events if e.ts < live_from], [e for e in events if e.ts >= live_from])
+
+
+def send_events(settings: Settings, events: list[Event], extra: list[bytes] = ()) -> None:
+    producer = make_producer(settings.bootstrap_servers)
+    for raw in extra:
+        producer.send(settings.topic_activity, key=b"bad", value=raw)
+    for event in events:
+        producer.send(settings.topic_activity, key=event.key(), value=event.to_bytes())
+    producer.flush()
+    producer.close()
+
+
+def model_runs(engine: sa.Engine) -> list[dict]:
+    with engine.connect() as conn:
+        query = sa.select(storage.model_runs).order_by(storage.model_runs.c.id)
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def predicted_users(engine: sa.Engine) -> dict[str, set[str]]:
+    """Model versions that scored each user."""
+    table = storage.predictions
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(table.c.user_id, table.c.model_version)).all()
+    users: dict[str, set[str]] = {}
+    for user_id, version in rows:
+        users.setdefault(user_id, set()).add(version)
+    return users
+
+
+@pytest.fixture
+def predictor_settings(topics: Settings) -> Settings:
+    return topics.model_copy(update={"predictor_port": free_port(),
+                                     "predictor_batch_max_wait_ms": 20})
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> str:
+    """SIGTERM, wait, and return the process's output."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output.decode(errors="replace")
+
+
+@pytest.mark.timeout(300)
+def test_predictor_scores_every_user_and_a_failing_retrain_leaves_the_model_serving(
+    predictor_settings: Settings, engine: sa.Engine
+) -> None:
+    settings = predictor_settings
+    past, live = split_history()
+    process = start_service("predictor.py", settings, RETRAIN_FAILURE_INJECTION="raise",
+                            PREDICTOR_TRAIN_RETRY_S="1")
+    api = f"http://127.0.0.1:{settings.predictor_port}"
+    output = ""
+    try:
+        assert wait_until(lambda: [r["error"][:28] for r in model_runs(engine)]
+                          == ["waiting for labelled history"], 60)
+        assert httpx.get(f"{api}/health").status_code == 503
+        storage.write_events(engine, past, datetime.now(UTC))
+        assert wait_until(lambda: any(r["promoted"] for r in model_runs(engine)), 200)
+        (start_run,) = model_runs(engine)
+        assert (start_run["reason"], start_run["error"]) == ("start", None)
+        assert start_run["rows"] > 0 and "models" in start_run["metrics"]
+        version = start_run["model_version"]
+
+        half = len(live) // 2
+        send_events(settings, live[:half], extra=[b"{not json", b'{"user_id": "u1"}'])
+        expected = {e.user_id for e in live[:half]}
+        assert wait_until(lambda: expected <= set(predicted_users(engine)), 60)
+        assert set(predicted_users(engine)) == expected
+        assert all(v == {version} for v in predicted_users(engine).values())
+
+        health = httpx.get(f"{api}/health").json()
+        assert (health["status"], health["model_version"]) == ("serving", version)
+        described = httpx.get(f"{api}/model").json()
+        assert described["version"] == version and described["features"]
+        assert set(described["metrics"]) >= {"blend"}
+        user = live[0].user_id
+        scored = httpx.get(f"{api}/predict/{user}").json()
+        assert scored["user_id"] == user and 0 <= scored["score"] <= 1
+        assert set(scored["scores"]) == {"rf", "xgb", "seq", "blend"}
+        assert len(scored["top_features"]) == 5
+        assert httpx.get(f"{api}/predict/nobody").status_code == 404
+        metrics = httpx.get(f"{api}/metrics").text
+        assert 'model_prediction_latency_seconds_bucket{le="0.1",model="blend"}' in metrics
+        assert "predictor_events_skipped_total" in metrics and "user_id" not in metrics
+
+        producer = make_producer(settings.bootstrap_servers)
+        publish_command(producer, settings.topic_control, RetrainCommand(reason="feedback"))
+        producer.close()
+        assert wait_until(lambda: len(model_runs(engine)) == 2
+                          and model_runs(engine)[1]["error"] != runs.UNFINISHED, 60)
+        failed = model_runs(engine)[1]
+        assert (failed["reason"], failed["promoted"]) == ("feedback", False)
+        assert "injected training failure" in failed["error"]
+
+        send_events(settings, live[half:])
+        everyone = {e.user_id for e in live}
+        assert wait_until(lambda: everyone <= set(predicted_users(engine)), 60)
+        assert all(v == {version} for v in predicted_users(engine).values())
+        assert httpx.get(f"{api}/health").json()["model_version"] == version
+    finally:
+        output = stop(process)
+        print(output[-20_000:])  # shown by pytest when the test fails
+    assert process.returncode == 0, output[-3000:]
+    assert "predictor stopped after" in output
+
+
+@pytest.mark.timeout(60)
+def test_state_rebuilt_from_the_database_equals_state_fed_every_event(engine: sa.Engine) -> None:
+    start = NOW - timedelta(days=12)
+    events = list(Simulator(30, start, 12, seed=4).events())
+    storage.write_events(engine, events, NOW)  # the consumer stored everything, batch included
+    t1, t2 = start + timedelta(days=9), start + timedelta(days=10)
+    in_hand = [e for e in events if t1 <= e.ts < t2]
+    state = UserState(FeatureStore(), engine)
+    state.apply([Received(e, partition=hash(e.user_id) % 3, timestamp_ms=0) for e in in_hand])
+
+    users = sorted({e.user_id for e in in_hand})
+    reference = FeatureStore()
+    reference.update([e for e in events if e.ts < t2 and e.user_id in set(users)])
+    history = pd.DataFrame([storage.event_row(e, NOW) for e in events])
+    space = FeatureSpace.learn(history)
+    rebuilt, expected = state.matrix(users, t2, space), reference.matrix(users, t2, space)
+    np.testing.assert_array_equal(rebuilt[0], expected[0])
+    np.testing.assert_array_equal(rebuilt[1], expected[1])
+    assert state.clock == max(e.ts for e in in_hand)
+
+    outsider = next(u.user_id for u in Simulator(30, start, 12, seed=4).users
+                    if u.user_id not in users and any(e.user_id == u.user_id for e in events))
+    looked_up = state.lookup(outsider, space)
+    assert looked_up is not None and outsider not in state.store
+    assert state.lookup("nobody", space) is None
+
+    partition = state.partition_of[users[0]]
+    owned_there = {u for u, p in state.partition_of.items() if p == partition}
+    assert state.forget_partitions([partition]) == len(owned_there)
+    assert not owned_there & set(state.partition_of)
+    assert len(state.store) == len(users) - len(owned_there)

@@ -6,7 +6,8 @@ MODELS = ("rf", "xgb", "seq", "blend")
 
 PREDICTION_LATENCY = Histogram(
     "model_prediction_latency_seconds",
-    "Seconds one micro-batch spends in a model's scoring call (blend: all three and the blend)",
+    "Seconds of one scoring call of a model (a micro-batch, or one row for /predict); "
+    "blend: the whole call, all three models and their blend",
     ["model"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )

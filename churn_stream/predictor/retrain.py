@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,6 +24,7 @@ from churn_stream.predictor import runs
 from churn_stream.predictor.metrics import (
     MODEL_INFO,
     MODEL_VERSION,
+    PREDICTION_LATENCY,
     PROMOTIONS,
     RETRAIN_FAILURES,
     RETRAIN_SECONDS,
@@ -37,6 +38,33 @@ Judge = Callable[[ChurnModel, ChurnModel], tuple[float, float]]
 """``(candidate, current) -> (candidate ROC-AUC, current ROC-AUC)`` on recent labelled data."""
 
 
+class _Timed:
+    """One of a model's parts whose ``predict`` calls are timed into the latency histogram."""
+
+    def __init__(self, part: Any, name: str) -> None:
+        self._part = part
+        self._histogram = PREDICTION_LATENCY.labels(name)
+
+    def predict(self, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._part.predict(*args)
+        finally:
+            self._histogram.observe(time.perf_counter() - started)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._part, name)
+
+
+def timed(model: ChurnModel) -> ChurnModel:
+    """``model`` with each part's scoring call observed in ``model_prediction_latency_seconds``.
+
+    The blend's own code path stays the model's; only the parts are wrapped.
+    """
+    return replace(model, forest=_Timed(model.forest, "rf"), boosted=_Timed(model.boosted, "xgb"),
+                   sequence=_Timed(model.sequence, "seq"))
+
+
 class ModelHolder:
     """The serving model; readers take ``current`` once per batch and use that reference."""
 
@@ -44,8 +72,8 @@ class ModelHolder:
         self.current: ChurnModel | None = None
 
     def promote(self, model: ChurnModel) -> None:
-        """Serve ``model`` from now on."""
-        self.current = model
+        """Serve ``model`` from now on (one reference assignment: atomic for readers)."""
+        self.current = timed(model)
         MODEL_VERSION.set(runs.version_number(model.version))
         MODEL_INFO.info({"version": model.version, "trained_at": model.trained_at.isoformat(),
                          "rows": str(model.rows)})
@@ -59,6 +87,8 @@ class RunOutcome:
     reason: str
     promoted: bool
     error: str | None
+    waiting: bool = False
+    """The run found too little labelled history (and may be tried again)."""
 
 
 class Retrainer:
@@ -84,13 +114,19 @@ class Retrainer:
     def train_initial(self, stopping: threading.Event, retry_s: float) -> ChurnModel | None:
         """Train the first model, waiting while there is not enough labelled history.
 
+        The waiting attempts share one ``model_runs`` row, whose error says what is missing.
         Returns None only if a stop was asked for first.
         """
+        opened: tuple[int, str] | None = None
         while not stopping.is_set():
-            outcome = self.run("start")
-            if outcome.promoted:
-                return self.holder.current
-            log.info("no model yet (%s); trying again in %.0f s", outcome.error, retry_s)
+            opened = opened or self._open("start")
+            if opened is not None:
+                outcome = self._attempt(*opened, "start", record_no_data=False)
+                if outcome.promoted:
+                    return self.holder.current
+                if not outcome.waiting:
+                    opened = None  # that run failed and is recorded; the next is a new run
+                log.info("no model yet, %s; trying again in %.0f s", outcome.error, retry_s)
             stopping.wait(retry_s)
         return None
 
@@ -129,31 +165,42 @@ class Retrainer:
 
     def run(self, reason: str) -> RunOutcome:
         """One training run, recorded from start to end; never raises for a failed run."""
+        opened = self._open(reason)
+        if opened is None:
+            return RunOutcome("", reason, False, "the run could not be recorded")
+        return self._attempt(*opened, reason, record_no_data=True)
+
+    def _open(self, reason: str) -> tuple[int, str] | None:
         RETRAINS.labels(reason).inc()
-        self.last_started_s = started = time.monotonic()
         try:
-            run_id, version = runs.start_run(self.engine, self.instance, reason)
+            return runs.start_run(self.engine, self.instance, reason)
         except sa.exc.SQLAlchemyError as exc:
             RETRAIN_FAILURES.labels(reason).inc()
             log.error("could not record a training run (%s); not training", exc)
-            return RunOutcome("", reason, False, f"database: {exc}")
+            return None
+
+    def _attempt(self, run_id: int, version: str, reason: str,
+                 record_no_data: bool) -> RunOutcome:
+        self.last_started_s = started = time.monotonic()
         log.info("training run %s started (reason %s)", version, reason)
-        rows, metrics, promoted, error = 0, {}, False, None
+        rows, metrics, promoted, error, waiting = 0, {}, False, None, False
         try:
             candidate = self._train(version, reason)
             rows, metrics = candidate.rows, self._metrics(candidate)
             promoted = self._consider(candidate, reason, metrics)
         except NotEnoughData as exc:
-            error = f"not enough data: {exc}"
-            log.info("training run %s: %s", version, error)
+            error, waiting = f"waiting for labelled history: {exc}", True
         except (Exception, MemoryError) as exc:  # a failed run must never stop the service
             error = f"{type(exc).__name__}: {exc}"
             RETRAIN_FAILURES.labels(reason).inc()
             log.error("training run %s failed; the serving model stays", version, exc_info=True)
         seconds = time.monotonic() - started
-        RETRAIN_SECONDS.observe(seconds)
-        self._record(run_id, seconds, rows, metrics, promoted, error)
-        outcome = RunOutcome(version, reason, promoted, error)
+        if waiting and not record_no_data:
+            self._note_waiting(run_id, error)
+        else:
+            RETRAIN_SECONDS.observe(seconds)
+            self._record(run_id, seconds, rows, metrics, promoted, error)
+        outcome = RunOutcome(version, reason, promoted, error, waiting)
         self.outcomes.append(outcome)
         return outcome
 
@@ -182,6 +229,12 @@ class Retrainer:
         PROMOTIONS.labels(reason).inc()
         log.info("model %s promoted (%d rows); serving it now", candidate.version, candidate.rows)
         return True
+
+    def _note_waiting(self, run_id: int, error: str | None) -> None:
+        try:
+            runs.note_waiting(self.engine, run_id, error or "")
+        except sa.exc.SQLAlchemyError:
+            log.warning("could not update training run %d", run_id, exc_info=True)
 
     def _record(self, run_id: int, seconds: float, rows: int, metrics: dict[str, Any],
                 promoted: bool, error: str | None) -> None:

@@ -44,6 +44,14 @@ def finish_run(
         ))
 
 
+def note_waiting(engine: sa.Engine, run_id: int, message: str) -> None:
+    """A run that waits for data tries again: it starts anew and says what it waits for."""
+    table = storage.model_runs
+    with engine.begin() as conn:
+        conn.execute(table.update().where(table.c.id == run_id).values(
+            started_at=storage.to_db_time(datetime.now(UTC)), error=message[:4000]))
+
+
 def version_name(run_id: int) -> str:
     """The version of the model trained by run ``run_id``."""
     return f"v{run_id}"

@@ -156,8 +156,6 @@ class Predictor:
         started = time.perf_counter()
         scores = model.score(rows, sequences)
         PREDICTION_LATENCY.labels("blend").observe(time.perf_counter() - started)
-        for name, seconds in getattr(model, "last_score_seconds", {}).items():
-            PREDICTION_LATENCY.labels(name).observe(seconds)
         return rows, scores
 
     def _write(self, predictions: list[dict[str, Any]]) -> None:

@@ -1,6 +1,7 @@
 """What the HTTP API shows: health, the serving model, a user's score now."""
 
 import logging
+import time
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from churn_stream.predictor.http import (
     ModelOut,
     PredictionOut,
 )
+from churn_stream.predictor.metrics import PREDICTION_LATENCY
 from churn_stream.predictor.retrain import ModelHolder, Retrainer
 from churn_stream.predictor.state import UserState
 
@@ -62,7 +64,9 @@ class Serving:
         if found is None:
             return None
         rows, sequences = found
+        started = time.perf_counter()
         scores = model.score(rows, sequences)
+        PREDICTION_LATENCY.labels("blend").observe(time.perf_counter() - started)
         top = model.explain(rows[0], top_k=TOP_FEATURES)
         return PredictionOut(
             user_id=user_id, model_version=model.version, as_of=self.state.now(),
