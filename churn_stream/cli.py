@@ -49,12 +49,23 @@ def python_service(name: str, script: str, *args: str) -> Service:
     return Service(name, [sys.executable, "-u", str(ROOT / script), *args])
 
 
+def dashboard_service(settings: Settings) -> Service:
+    """The Streamlit dashboard, headless on loopback at ``dashboard_port``."""
+    app_path = ROOT / "dashboard" / "app.py"
+    return Service("dashboard", [
+        sys.executable, "-m", "streamlit", "run", str(app_path),
+        "--server.port", str(settings.dashboard_port), "--server.address", "127.0.0.1",
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+    ])
+
+
 def plan_services(settings: Settings, producer_args: list[str]) -> list[Service]:
     """The services ``churn up`` runs, consumers first so that nothing waits on them."""
     return [
         python_service("consumer", "consumer.py"),
         python_service("feedback-api", "feedback_api.py"),
         python_service("feedback-loop", "feedback_loop.py"),
+        dashboard_service(settings),
         python_service("producer", "producer.py", *producer_args, "--report-outcomes",
                        f"--feedback-url=http://127.0.0.1:{settings.feedback_api_port}"),
     ]
@@ -113,6 +124,7 @@ def _print_directions(settings: Settings, services: list[Service]) -> None:
     log.info("database:  %s", mask_url(settings.resolved_database_url()))
     log.info("consumer metrics   http://127.0.0.1:%d/metrics", settings.consumer_metrics_port)
     log.info("producer metrics   http://127.0.0.1:%d/metrics", settings.producer_metrics_port)
+    log.info("dashboard          http://127.0.0.1:%d", settings.dashboard_port)
     log.info("services:  %s; Ctrl-C stops them all", ", ".join(s.name for s in services))
 
 
