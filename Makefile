@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 JARS   := tests/kafka/target/jars
 
 .DEFAULT_GOAL := help
-.PHONY: help run test test-fast lint bench kafka-jars clean
+.PHONY: help run test test-fast lint bench kafka-jars clean screenshot
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ lint: $(STAMP)  ## Lint and check formatting.
 
 bench: $(STAMP)  ## Run the benchmarks; writes bench/results.md.
 	$(BIN)/python -m bench
+
+screenshot: $(STAMP)  ## Save docs/dashboard.png (needs Debian's chromium, chromium-driver).
+	$(BIN)/python scripts/screenshot_dashboard.py $(ARGS)
 
 clean:  ## Remove the virtualenv, caches and the local database.
 	rm -rf $(VENV) .pytest_cache .ruff_cache data tests/kafka/target
