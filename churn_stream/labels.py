@@ -66,10 +66,12 @@ def churn_times(
         alive = observed[~churned].groupby(feedback.loc[~churned, "user_id"]).max()
     if policy.inactivity_days is not None:
         found.append(_silences(history["user_id"], ts, end, alive, policy.inactivity_days))
-    every = pd.concat([f for f in found if not f.empty])
-    if every.empty:
-        return pd.DataFrame({"churned_at": [], "known_at": []}, index=pd.Index([], name="user_id"))
-    first = every.groupby(level=0).min()
+    found = [f for f in found if not f.empty]
+    if not found:
+        never = pd.Series(dtype="datetime64[ns]")
+        return pd.DataFrame({"churned_at": never, "known_at": never},
+                            index=pd.Index([], name="user_id", dtype=object))
+    first = pd.concat(found).groupby(level=0).min()
     first.index.name = "user_id"
     return first
 

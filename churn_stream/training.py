@@ -206,6 +206,12 @@ def build_examples(
         raise NotEnoughData("no activity stored yet")
     with run.stage("label"):
         queries = label_examples(history, feedback, policy)
+        if queries.empty:
+            span = history["ts"].max() - history["ts"].min()
+            needed = policy.min_history_days + policy.settle / pd.Timedelta(days=1)
+            raise NotEnoughData(f"history spans {span / pd.Timedelta(days=1):.1f} days; labels "
+                                f"need {needed:.1f} (history before the first cutoff, then "
+                                "horizon and inactivity gap after it)")
         log.info("training run %s: %s", run.version, describe(queries))
         queries["role"] = split_roles(queries, policy, holdout_share, seed)
         queries = _cap(queries[queries["role"] != UNUSED], max_examples, seed)

@@ -25,3 +25,35 @@ def history_frame(events: tuple[Event, ...] | list[Event]) -> pd.DataFrame:
     frame = pd.DataFrame([event_row(e, e.ts) for e in events])
     frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
     return frame.drop(columns=["ingested_at"])
+
+
+@lru_cache(maxsize=1)
+def simulated_database() -> str:
+    """A SQLite database holding the default simulation, written once per test process."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from churn_stream import storage
+
+    folder = tempfile.mkdtemp(prefix="churn-sim-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    url = f"sqlite:///{folder}/churn.db"
+    engine = storage.make_engine(url)
+    storage.create_schema(engine)
+    storage.write_events(engine, simulated_events(), START)
+    engine.dispose()
+    return url
+
+
+@lru_cache(maxsize=1)
+def trained_model():
+    """The model ``training.train`` makes from the simulated database (seed 0), and the
+    progress reports it gave, shared by every test that only reads a model."""
+    from churn_stream import storage, training
+
+    engine = storage.make_engine(simulated_database())
+    reports: list[tuple[str, float]] = []
+    model = training.train(engine, "sim-1", progress=lambda s, f: reports.append((s, f)))
+    engine.dispose()
+    return model, tuple(reports)

@@ -1,8 +1,8 @@
 """The LSTM-GRU sequence model (Keras on TensorFlow), imported only where it is used.
 
 Importing TensorFlow takes seconds, so nothing imports it at module level: ``tensorflow()``
-loads and configures it on first use. Scoring goes through a ``tf.function`` with a fixed
-input signature: one traced graph, about 25 times cheaper per call than ``model.predict``.
+loads and configures it on first use. Scoring goes through one traced graph (a ``tf.function``
+with a fixed input signature), about 30 times cheaper per call than ``model.predict``.
 """
 
 import logging
@@ -75,7 +75,10 @@ class SequenceModel:
         features = network.inputs[1].shape[1]
         signature = [tf.TensorSpec([None, days, channels], tf.float32),
                      tf.TensorSpec([None, features], tf.float32)]
-        self._forward = tf.function(self._call, input_signature=signature)
+        # Calling the traced graph directly skips tf.function's dispatch: 2.9 ms for one row
+        # against 3.6 ms, and a p99 of 3.4 ms against 13 ms on this box.
+        self._forward = tf.function(self._call).get_concrete_function(*signature)
+        self._constant = tf.constant
 
     def _call(self, sequences: Any, rows: Any) -> Any:
         return self.network([sequences, rows], training=False)
@@ -84,7 +87,8 @@ class SequenceModel:
         """Churn probability of each row; safe to call from several threads."""
         if len(X) == 0:
             return np.zeros(0)
-        out = self._forward(self.sequence.apply(S), self.static.apply(X))
+        out = self._forward(self._constant(self.sequence.apply(S)),
+                            self._constant(self.static.apply(X)))
         return np.asarray(out, dtype=np.float64)[:, 0]
 
 

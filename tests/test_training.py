@@ -1,0 +1,149 @@
+"""Training from the database: quality on seeded simulator data, and every way it can refuse."""
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from churn_stream import storage, training
+from churn_stream.errors import NotEnoughData, TrainingFailed
+from churn_stream.events import Event
+from churn_stream.labels import LabelPolicy, label_examples
+from churn_stream.models import MODEL_NAMES
+from churn_stream.models.boosted import fit_boosted
+from churn_stream.models.forest import fit_forest
+from tests.simulated import simulated_database, trained_model
+
+THRESHOLD_ROC_AUC = 0.80
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def sim_engine():
+    engine = storage.make_engine(simulated_database())
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.timeout(240)
+def test_served_blend_reaches_the_threshold_on_seeded_simulator_data() -> None:
+    model, _ = trained_model()
+    assert model.metrics["blend"]["roc_auc"] >= THRESHOLD_ROC_AUC
+    for name in (*MODEL_NAMES, "blend"):
+        assert set(model.metrics[name]) == {"roc_auc", "pr_auc", "brier", "log_loss"}
+        assert all(math.isfinite(v) for v in model.metrics[name].values())
+    assert sum(model.weights.values()) == pytest.approx(1.0)
+    assert min(model.weights.values()) >= 0
+    assert model.details["churned"]["holdout"] >= 10
+    assert model.rows == model.details["examples"]["fit"]
+    assert 0 < len(model.reference) <= 5000
+    assert model.reference_scores.shape == (len(model.reference),)
+
+
+@pytest.mark.timeout(240)
+def test_a_model_fitted_on_shuffled_labels_cannot_pass_the_threshold(sim_engine) -> None:
+    history, feedback = training.load_history(sim_engine), training.load_feedback(sim_engine)
+    examples = training.build_examples(history, feedback, LabelPolicy(), 0.2, seed=0,
+                                       max_examples=50_000)
+    learnt = examples.queries["role"].isin([training.FIT, training.VALIDATION]).to_numpy()
+    labels = examples.queries["churned"].to_numpy().copy()
+    labels[learnt] = np.random.default_rng(1).permutation(labels[learnt])
+    examples.queries["churned"] = labels
+    broken = training.fit_examples(examples, "broken", seed=0)
+    assert broken.metrics["blend"]["roc_auc"] < THRESHOLD_ROC_AUC
+    assert broken.metrics["xgb"]["roc_auc"] < THRESHOLD_ROC_AUC
+
+
+def test_progress_goes_through_every_stage_in_order() -> None:
+    _, reports = trained_model()
+    stages = [stage for stage, _ in reports]
+    assert stages == ["load", "label", "features", "rf", "xgb", "seq", "evaluate", "done"]
+    shares = [share for _, share in reports]
+    assert shares == sorted(shares) and shares[-1] == 1.0
+
+
+def test_compare_on_holdout_scores_the_serving_model_on_the_same_examples() -> None:
+    model, _ = trained_model()
+    candidate_auc, current_auc = training.compare_on_holdout(model, model)
+    assert candidate_auc == model.metrics["blend"]["roc_auc"]
+    assert current_auc == pytest.approx(candidate_auc, abs=1e-9)
+
+
+@pytest.mark.timeout(120)
+def test_trees_are_deterministic_under_a_seed(sim_engine) -> None:
+    history = training.load_history(sim_engine)
+    examples = training.build_examples(history, None, LabelPolicy(), 0.2, 0, 50_000)
+    fit, val = examples.rows(training.FIT), examples.rows(training.VALIDATION)
+    X, y = examples.X, examples.y
+    for make in (lambda: fit_forest(X[fit], y[fit], 3),
+                 lambda: fit_boosted(X[fit], y[fit], X[val], y[val], 3)):
+        np.testing.assert_array_equal(make().predict(X[val]), make().predict(X[val]))
+
+
+def test_an_empty_database_is_not_enough_data(engine) -> None:
+    with pytest.raises(NotEnoughData, match="no activity"):
+        training.train(engine, "empty")
+
+
+def steady_users(n_users: int, days: int) -> list[Event]:
+    """Users who log in every day and never churn."""
+    return [Event(user_id=f"u{u}", event_type="login", ts=T0 + timedelta(days=d, hours=u % 24))
+            for d in range(days) for u in range(n_users)]
+
+
+def test_one_class_of_labels_is_not_enough_data_never_nan(engine) -> None:
+    storage.write_events(engine, steady_users(30, 40), T0)
+    with pytest.raises(NotEnoughData, match="0 churned"):
+        training.train(engine, "one-class")
+
+
+def test_history_too_short_for_settled_labels_is_not_enough_data(engine) -> None:
+    storage.write_events(engine, steady_users(5, 10), T0)
+    with pytest.raises(NotEnoughData, match="history spans 9.2 days; labels need 24.0"):
+        training.train(engine, "short")
+
+
+@pytest.mark.parametrize(("injection", "cause"), [("raise", RuntimeError),
+                                                   ("memory", MemoryError)])
+@pytest.mark.timeout(120)
+def test_an_injected_failure_raises_training_failed(sim_engine, injection, cause) -> None:
+    with pytest.raises(TrainingFailed, match="injected") as failure:
+        training.train(sim_engine, "doomed", failure_injection=injection)
+    assert isinstance(failure.value.__cause__, cause)
+
+
+def test_a_failing_stage_is_named(sim_engine) -> None:
+    def explode(stage: str) -> None:
+        if stage == "features":
+            raise ValueError("disk on fire")
+
+    with pytest.raises(TrainingFailed, match="stage features: ValueError: disk on fire"):
+        training.train(sim_engine, "doomed", failure_injection=explode)
+
+
+def test_history_loads_in_time_order_with_aware_times_and_dicts(sim_engine) -> None:
+    history = training.load_history(sim_engine, until=T0 + timedelta(days=2))
+    assert len(history) > 0
+    assert str(history["ts"].dt.tz) == "UTC"
+    assert history["ts"].is_monotonic_increasing
+    assert history["ts"].max() <= T0 + timedelta(days=2)
+    assert all(isinstance(v, dict) for v in history["numeric_values"])
+    assert any(v for v in history["categorical_values"])
+
+
+def test_feedback_outcomes_become_labels(engine) -> None:
+    storage.write_events(engine, steady_users(30, 40), T0)
+    with engine.begin() as conn:
+        conn.execute(storage.feedback.insert(), [
+            {"feedback_id": f"f{u}", "user_id": f"u{u}", "churned": True,
+             "observed_at": storage.to_db_time(T0 + timedelta(days=12 + u % 10)),
+             "source": "test", "received_at": storage.to_db_time(T0)} for u in range(15)])
+    labels = label_examples(training.load_history(engine), training.load_feedback(engine),
+                            LabelPolicy(inactivity_days=None))
+    churned = labels[labels["churned"] == 1]
+    assert set(churned["user_id"]) == {f"u{u}" for u in range(15)}
+    # Once the churn is reported the user is no longer an example.
+    last = labels.groupby("user_id")["cutoff"].max()
+    for u in range(15):
+        assert last[f"u{u}"] < T0 + timedelta(days=12 + u % 10)

@@ -1,0 +1,113 @@
+"""Train the three churn models and their blend from the database, in memory, and report.
+
+``python train_model.py`` reads the configured database (``DATABASE_URL``, see
+``churn_stream.settings``), trains random forest, XGBoost and the LSTM-GRU sequence model on a
+time- and user-based split, and prints each model's holdout quality, the blend weights and
+what scoring costs. Nothing is written to disk: the models live and die with this process.
+"""
+
+import logging
+from datetime import UTC, datetime
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from churn_stream import storage, training
+from churn_stream.errors import NotEnoughData, TrainingFailed
+from churn_stream.labels import LabelPolicy
+from churn_stream.logs import configure_logging
+from churn_stream.settings import get_settings, mask_url
+
+log = logging.getLogger("train_model")
+app = typer.Typer(add_completion=False, help=__doc__)
+console = Console()
+
+
+@app.command()
+def main(
+    seed: int = typer.Option(0, help="Seed of the split, the forests and the network."),
+    holdout_share: float = typer.Option(0.2, help="Share of users (and of the latest "
+                                        "cutoffs) held out for the quality figures."),
+    horizon_days: float = typer.Option(7.0, help="Churn within this many days is positive."),
+    inactivity_days: float = typer.Option(10.0, help="Silence this long is churn; 0: never."),
+    timing: bool = typer.Option(True, help="Also measure scoring cost per row."),
+) -> None:
+    """Train in memory from the configured database and print the quality table."""
+    configure_logging("WARNING")
+    settings = get_settings()
+    url = settings.resolved_database_url()
+    console.print(f"training from {mask_url(url)}")
+    engine = storage.make_engine(url)
+    storage.create_schema(engine)
+    policy = LabelPolicy(horizon_days=horizon_days, inactivity_days=inactivity_days or None)
+    version = datetime.now(UTC).strftime("cli-%Y%m%dT%H%M%S")
+    try:
+        model = _train(engine, version, policy, holdout_share, seed)
+    except NotEnoughData as exc:
+        console.print(f"[yellow]not enough data:[/] {exc}")
+        raise typer.Exit(2) from None
+    except TrainingFailed as exc:
+        console.print(f"[red]training failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(quality_table(model))
+    console.print(_summary(model))
+    if timing:
+        X, S = model.holdout.features(model.space)
+        console.print(cost_table(training_cost(model, X, S)))
+
+
+def _train(engine, version: str, policy: LabelPolicy, holdout_share: float, seed: int):
+    columns = (TextColumn("{task.description:<10}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("load", total=1.0)
+
+        def progress(stage: str, done: float) -> None:
+            bar.update(task, description=stage, completed=done)
+
+        return training.train(engine, version, holdout_share=holdout_share, progress=progress,
+                              policy=policy, seed=seed)
+
+
+def quality_table(model) -> Table:
+    """Holdout ROC-AUC, PR-AUC, Brier and log loss per model and for the served blend."""
+    table = Table(title=f"model {model.version}: holdout quality")
+    for column in ("model", "ROC-AUC", "PR-AUC", "Brier", "log loss", "blend weight"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, figures in model.metrics.items():
+        weight = model.weights.get(name)
+        table.add_row(name, *(f"{figures[k]:.4f}" for k in ("roc_auc", "pr_auc", "brier",
+                                                          "log_loss")),
+                      "" if weight is None else f"{weight:.2f}")
+    return table
+
+
+def _summary(model) -> str:
+    examples, churned = model.details["examples"], model.details["churned"]
+    parts = [f"{examples[k]} {k} examples ({churned[k]} churned)" for k in examples]
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in model.details["seconds"].items())
+    earns = "earns" if model.details["sequence_earns_weight"] else "does not earn"
+    return (f"{'; '.join(parts)}\nstage times: {seconds}\n"
+            f"the LSTM-GRU {earns} a place in the blend (weight {model.weights['seq']:.2f})")
+
+
+def training_cost(model, X, S) -> dict[str, float]:
+    """Scoring cost per row in batches of 1,000 (the holdout rows, recycled)."""
+    from churn_stream.models.timing import scoring_cost_us
+
+    return scoring_cost_us(model, X, S, batch_rows=1000)
+
+
+def cost_table(cost: dict[str, float]) -> Table:
+    table = Table(title="scoring cost (median of 5, batches of 1,000 rows)")
+    table.add_column("model")
+    table.add_column("µs per row", justify="right")
+    for name in ("rf", "xgb", "seq", "blend"):
+        table.add_row(name, f"{cost[name]:.1f}")
+    table.add_row("one row, blend", f"{cost['one_row_ms'] * 1000:.0f}")
+    return table
+
+
+if __name__ == "__main__":
+    app()
