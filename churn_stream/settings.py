@@ -152,8 +152,9 @@ class Settings(BaseSettings):
     """KS distance above which a numeric feature's KS result says drifted (reported only)."""
     drift_score_psi_threshold: float = Field(0.2, gt=0)
     """PSI of the served score above which a window is drifted whatever its features do."""
-    drift_feature_share: float = Field(0.3, gt=0, le=1)
-    """Share of features (with spread in training) that must drift for a window to drift."""
+    drift_min_features: int = Field(2, ge=1)
+    """Features (beyond clocks and those constant in training) that must drift together for
+    a window to count as drifted."""
     drift_persistence: int = Field(3, ge=1)
     """Drifted windows in a row that confirm drift."""
     drift_cooldown_s: float = Field(900.0, ge=0)

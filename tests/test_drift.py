@@ -144,14 +144,14 @@ def test_profile_reports_psi_for_every_feature_and_ks_for_numeric_ones() -> None
     pairs = [(f.feature, f.result.statistic) for f in report.features]
     assert pairs == [("duration", "psi"), ("duration", "ks"), ("amount", "psi"),
                      ("amount", "ks"), ("plan_code", "psi"), ("always_one", "psi")]
-    assert report.constant_features == frozenset({"always_one"})
+    assert report.exempt_features == frozenset({"always_one"})
     assert report.drifted_features == [] and report.drifted_share == 0.0
     assert all(math.isfinite(f.result.score) for f in report.features)
 
 
 def test_policy_confirms_drift_at_the_exact_window_and_respects_the_cooldown() -> None:
     profile = _profile()
-    policy = DriftPolicy(feature_share=0.5, persistence=3, min_rows=400, cooldown_s=300.0)
+    policy = DriftPolicy(min_features=2, persistence=3, min_rows=400, cooldown_s=300.0)
     verdicts = []
     for index, (window, scores) in enumerate(_live_windows(9, shift_from=6, windows=16)):
         verdicts.append(policy.observe(profile.compare(window, scores), now_s=60.0 * index))
@@ -167,7 +167,7 @@ def test_policy_confirms_drift_at_the_exact_window_and_respects_the_cooldown() -
 
 def test_edge_cases_alone_never_confirm_drift() -> None:
     profile = _profile()
-    policy = DriftPolicy(feature_share=0.3, persistence=2, min_rows=400, cooldown_s=0.0)
+    policy = DriftPolicy(min_features=1, persistence=2, min_rows=400, cooldown_s=0.0)
     rng = np.random.default_rng(10)
     verdicts = []
     for index in range(10):
@@ -184,7 +184,7 @@ def test_edge_cases_alone_never_confirm_drift() -> None:
 
 def test_a_window_with_too_few_rows_neither_counts_nor_breaks_a_streak() -> None:
     profile = _profile()
-    policy = DriftPolicy(feature_share=0.5, persistence=2, min_rows=400, cooldown_s=0.0)
+    policy = DriftPolicy(min_features=2, persistence=2, min_rows=400, cooldown_s=0.0)
     shifted = list(_live_windows(11, shift_from=0, windows=2))
     small_window, small_scores = shifted[0][0][:100], shifted[0][1][:100]
     verdicts = [
@@ -222,3 +222,16 @@ def test_window_closes_by_rows_or_by_age() -> None:
 def test_reference_of_the_wrong_width_is_refused() -> None:
     with pytest.raises(ValueError, match="expected"):
         ReferenceProfile("v1", FEATURES, np.zeros((10, 3)), np.zeros(10))
+
+
+def test_an_exempt_feature_is_reported_but_not_counted() -> None:
+    rng = np.random.default_rng(7)
+    profile = ReferenceProfile("v1", FEATURES, _reference(rng, 5000), rng.beta(2, 5, 5000),
+                               exempt=lambda name: name == "duration")
+    policy = DriftPolicy(min_features=2, persistence=1, min_rows=400, cooldown_s=0.0)
+    for window, scores in _live_windows(13, shift_from=0, windows=3):
+        report = profile.compare(window, scores)
+        psi_of = {f.feature: f.result for f in report.psi_results()}
+        assert psi_of["duration"].drifted and report.drifted_features == ["amount"]
+        assert report.drifted_share == pytest.approx(1 / 2)
+        assert policy.observe(report, 0.0) is Verdict.STABLE

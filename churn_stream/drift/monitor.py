@@ -41,8 +41,9 @@ class WindowReport:
     n_current: int
     features: list[FeatureDrift]
     score: DriftResult
-    constant_features: frozenset[str] = frozenset()
-    """Features without spread in the reference: reported, but they cannot drift."""
+    exempt_features: frozenset[str] = frozenset()
+    """Features reported but never counted as drifted: those without spread in the reference
+    and those the caller exempts (e.g. clocks such as tenure, which move by themselves)."""
 
     def psi_results(self) -> list[FeatureDrift]:
         """The PSI of each feature: the statistic that decides whether a feature drifted."""
@@ -50,16 +51,15 @@ class WindowReport:
 
     @property
     def drifted_features(self) -> list[str]:
-        """Features whose PSI is over its threshold."""
-        return [f.feature for f in self.psi_results() if f.result.drifted]
+        """Features whose PSI is over its threshold, the exempt ones left out."""
+        return [f.feature for f in self.psi_results()
+                if f.result.drifted and f.feature not in self.exempt_features]
 
     @property
     def drifted_share(self) -> float:
-        """Drifted features over the features that can drift (those with reference spread)."""
-        evaluable = [f for f in self.psi_results() if f.feature not in self.constant_features]
-        if not evaluable:
-            return 0.0
-        return len([f for f in evaluable if f.result.drifted]) / len(evaluable)
+        """Drifted features over the features that count."""
+        counted = [f for f in self.psi_results() if f.feature not in self.exempt_features]
+        return len(self.drifted_features) / len(counted) if counted else 0.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ReferenceProfile:
     def __init__(
         self, model_version: str, feature_names: Sequence[str], reference: np.ndarray,
         reference_scores: np.ndarray, thresholds: Thresholds = Thresholds(),
-        max_bins: int = DEFAULT_BINS,
+        max_bins: int = DEFAULT_BINS, exempt: Callable[[str], bool] = lambda _name: False,
     ) -> None:
         reference = np.asarray(reference, dtype=np.float64)
         if reference.ndim != 2 or reference.shape[1] != len(feature_names):
@@ -93,7 +93,7 @@ class ReferenceProfile:
         self.max_bins = max_bins
         self.reference_scores = finite(reference_scores)
         self.columns = [self._profile(n, reference[:, i]) for i, n in enumerate(feature_names)]
-        self.constant = frozenset(c.name for c in self.columns if c.constant)
+        self.exempt = frozenset(c.name for c in self.columns if c.constant or exempt(c.name))
 
     def _profile(self, name: str, values: np.ndarray) -> _Column:
         values = finite(values)
@@ -114,7 +114,7 @@ class ReferenceProfile:
                     column.name, ks(column.sorted_reference, values, self.thresholds.ks)))
         score = score_drift(self.reference_scores, current_scores, self.thresholds.score_psi,
                             self.max_bins)
-        return WindowReport(self.model_version, current.shape[0], results, score, self.constant)
+        return WindowReport(self.model_version, current.shape[0], results, score, self.exempt)
 
 
 class DriftWindow:

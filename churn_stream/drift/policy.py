@@ -1,7 +1,10 @@
 """When drift is confirmed: threshold, persistence over windows, sample size, cooldown.
 
-A window counts as drifted when the share of drifted features (among those that had spread
-in the reference) reaches ``feature_share``, or when the score distribution drifted. Drift is
+A window counts as drifted when at least ``min_features`` features drifted (exempt ones left
+out: see ``WindowReport``), or when the score distribution drifted. A count, not a share:
+a shift that moves one family of features (session lengths, say) is diluted to nothing
+among dozens of columns, while two features far beyond their threshold together are
+rarely noise on windows of hundreds of rows. Drift is
 confirmed after ``persistence`` drifted windows in a row, each of at least ``min_rows``
 rows, and only once ``cooldown_s`` has passed since the last retrain. A window with too few
 rows neither counts nor breaks a streak; a stable window breaks it.
@@ -31,7 +34,7 @@ class Verdict(StrEnum):
 class DriftPolicy:
     """Turns a stream of window reports into retrain decisions."""
 
-    feature_share: float = 0.3
+    min_features: int = 2
     persistence: int = 3
     min_rows: int = 500
     cooldown_s: float = 600.0
@@ -40,8 +43,7 @@ class DriftPolicy:
 
     def window_drifted(self, report: WindowReport) -> bool:
         """Whether one window, taken alone, is drifted."""
-        share = report.drifted_share
-        return (share > 0 and share >= self.feature_share) or report.score.drifted
+        return len(report.drifted_features) >= self.min_features or report.score.drifted
 
     def observe(self, report: WindowReport, now_s: float) -> Verdict:
         """Account for one window evaluated at ``now_s`` (seconds on any monotonic clock)."""

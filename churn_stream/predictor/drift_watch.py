@@ -33,6 +33,14 @@ from churn_stream.predictor.metrics import (
 )
 
 log = logging.getLogger(__name__)
+CLOCK_FEATURES = ("tenure_days", ":days_since_last")
+"""Names (or name endings) of features that measure elapsed time: a population ages and a
+micro-batch's span moves them whatever the users do, so their drift is reported only."""
+
+
+def is_clock(feature: str) -> bool:
+    """Whether ``feature`` measures elapsed time (see ``CLOCK_FEATURES``)."""
+    return feature in CLOCK_FEATURES or feature.endswith(CLOCK_FEATURES[1:])
 
 
 class DriftWatch:
@@ -60,7 +68,8 @@ class DriftWatch:
 
     def _start_profile(self, model: ChurnModel) -> None:
         self.profile = ReferenceProfile(model.version, model.space.feature_names,
-                                        model.reference, model.reference_scores, self.thresholds)
+                                        model.reference, model.reference_scores, self.thresholds,
+                                        exempt=is_clock)
         self.window.reset()
         self.policy.streak = 0
         log.info("drift reference: model %s, %d rows, %d features", model.version,

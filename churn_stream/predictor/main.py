@@ -17,6 +17,7 @@ from churn_stream.kafka_io import ensure_topics, make_consumer, make_producer
 from churn_stream.predictor.commands import ControlListener
 from churn_stream.predictor.drift_watch import DriftWatch
 from churn_stream.predictor.http import HttpServer, create_app
+from churn_stream.predictor.reference import train_with_reference
 from churn_stream.predictor.retrain import ModelHolder, Retrainer
 from churn_stream.predictor.service import Predictor
 from churn_stream.predictor.serving import Serving
@@ -37,7 +38,7 @@ def instance_name() -> str:
 def make_retrainer(settings: Settings, engine: sa.Engine, instance: str,
                    holder: ModelHolder) -> Retrainer:
     """The retrainer with the project's training and promotion judge."""
-    return Retrainer(engine, instance, holder, training.train, training.compare_on_holdout,
+    return Retrainer(engine, instance, holder, train_with_reference, training.compare_on_holdout,
                      promotion_tolerance=settings.promotion_tolerance,
                      failure_injection=settings.retrain_failure_injection)
 
@@ -47,7 +48,7 @@ def make_drift_watch(settings: Settings, engine: sa.Engine, instance: str,
     """The drift check configured from the settings."""
     thresholds = Thresholds(psi=settings.drift_psi_threshold, ks=settings.drift_ks_threshold,
                             score_psi=settings.drift_score_psi_threshold)
-    policy = DriftPolicy(feature_share=settings.drift_feature_share,
+    policy = DriftPolicy(min_features=settings.drift_min_features,
                          persistence=settings.drift_persistence,
                          min_rows=settings.drift_min_rows, cooldown_s=settings.drift_cooldown_s)
     window = DriftWindow(settings.drift_window_rows, settings.drift_window_s)
