@@ -63,6 +63,7 @@ def plan_services(settings: Settings, producer_args: list[str]) -> list[Service]
     """The services ``churn up`` runs, consumers first so that nothing waits on them."""
     return [
         python_service("consumer", "consumer.py"),
+        python_service("predictor", "predictor.py"),
         python_service("feedback-api", "feedback_api.py"),
         python_service("feedback-loop", "feedback_loop.py"),
         dashboard_service(settings),
@@ -124,6 +125,8 @@ def _print_directions(settings: Settings, services: list[Service]) -> None:
     log.info("database:  %s", mask_url(settings.resolved_database_url()))
     log.info("consumer metrics   http://127.0.0.1:%d/metrics", settings.consumer_metrics_port)
     log.info("producer metrics   http://127.0.0.1:%d/metrics", settings.producer_metrics_port)
+    log.info("predictor          http://127.0.0.1:%d/model (/health /predict/{user_id} /metrics)",
+             settings.predictor_port)
     log.info("dashboard          http://127.0.0.1:%d", settings.dashboard_port)
     log.info("services:  %s; Ctrl-C stops them all", ", ".join(s.name for s in services))
 
