@@ -22,6 +22,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, wait_exponential
 from churn_stream import storage
 from churn_stream.errors import InvalidEvent
 from churn_stream.events import Event, parse_event
+from churn_stream.kafka_io import commit_offsets
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class ActivityIngestor:
                 except StopRequested:
                     log.info("stopping during a database outage; the batch stays uncommitted")
                     return
-                self.consumer.commit()
+                commit_offsets(self.consumer, self.stopping)
             if time.monotonic() - last_lag_at > 5:
                 self._export_lag()
                 last_lag_at = time.monotonic()

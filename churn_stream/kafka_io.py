@@ -1,13 +1,29 @@
 """Kafka clients configured the one way this project uses them, and topic creation."""
 
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, RetriableError, TopicAlreadyExistsError
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    RetriableError,
+    TopicAlreadyExistsError,
+    UnknownMemberIdError,
+)
+from tenacity import (
+    Retrying,
+    retry,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from churn_stream.errors import BrokerUnavailable
 from churn_stream.settings import Settings
@@ -50,6 +66,44 @@ def make_consumer(
     }
     options.update(overrides)
     return _connect(KafkaConsumer, *topics, **options)
+
+
+# The group moved on without this member (its partitions went to another, or will): the
+# offsets it holds can no longer be committed, and the records will be delivered again.
+MEMBERSHIP_LOST = (
+    CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError
+)
+
+
+def commit_offsets(consumer: KafkaConsumer, stopping: threading.Event) -> bool:
+    """Commit the consumed offsets, retrying while the broker is away; returns whether it did.
+
+    Callers commit only after their writes are durable, so an offset left uncommitted costs
+    a redelivery, never a loss. kafka-python's ``commit`` raises after ~30 s without a
+    broker; the loop used to die of it (found by the broker-kill fault test), so a retriable
+    error is retried until the broker is back or a stop is asked for, and a lost group
+    membership is logged and left to the rebalance that follows.
+    """
+    retrying = Retrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, KafkaError) and exc.retriable),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        stop=lambda _state: stopping.is_set(),
+        before_sleep=lambda state: log.warning(
+            "offset commit failed (%s); retrying", state.outcome.exception() if state.outcome
+            else None),
+        reraise=True,
+    )
+    try:
+        retrying(consumer.commit)
+        return True
+    except MEMBERSHIP_LOST as exc:
+        log.warning("offsets not committed, the group rebalanced (%s): records since the last "
+                    "commit will be delivered again", type(exc).__name__)
+    except KafkaError as exc:
+        if not (exc.retriable and stopping.is_set()):
+            raise
+        log.warning("stopping with offsets not committed (%s)", type(exc).__name__)
+    return False
 
 
 def _connect(client: Any, *args: Any, **options: Any) -> Any:
