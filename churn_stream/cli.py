@@ -75,8 +75,8 @@ def plan_services(settings: Settings, producer_args: list[str]) -> list[Service]
 @app.command()
 def up(
     duration: float | None = typer.Option(None, min=1, help="Stop by itself after this many s."),
-    users: int = typer.Option(1000, min=1, help="Simulated users."),
-    backfill_days: float = typer.Option(30.0, min=0, help="Days of history written at start."),
+    users: int = typer.Option(500, min=1, help="Simulated users."),
+    backfill_days: float = typer.Option(40.0, min=0, help="Days of history written at start."),
     rate: float = typer.Option(500.0, min=0, help="Live events/s from the simulator."),
     seed: int = typer.Option(0, help="Simulator seed."),
     drift_at: float | None = typer.Option(None, help="Simulated day of a behaviour shift."),

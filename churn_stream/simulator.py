@@ -163,7 +163,7 @@ class Simulator:
         # The whole session falls inside its day, so that days can be emitted in order.
         start = day + timedelta(seconds=float(rng.uniform(0, 86_399 - duration_s)))
         events = [_event(user, "login", start, rng, categorical={"plan": user.plan})]
-        views = int(rng.poisson(1 + 5 * level))
+        views = int(rng.poisson(0.5 + 2.5 * level))
         for i in range(views):
             at = start + timedelta(seconds=duration_s * (i + 1) / (views + 2))
             events.append(_event(user, "page_view", at, rng))
