@@ -36,6 +36,9 @@ class LabelPolicy:
     cancellation_types: tuple[str, ...] = (CANCELLATION_TYPE,)
     feedback_cutoffs: bool = False
     """One example per feedback row instead of a grid of cutoffs."""
+    anchor_to_events: bool = True
+    """Read a grid example right after the user's last event before its cutoff (within one
+    spacing), as the stream scores users; silent users are read at the cutoff itself."""
 
     @property
     def horizon(self) -> pd.Timedelta:
@@ -106,7 +109,8 @@ def label_examples(
     history: pd.DataFrame, feedback: pd.DataFrame | None, policy: LabelPolicy,
     until: datetime | None = None,
 ) -> pd.DataFrame:
-    """Labelled examples: ``user_id``, ``cutoff``, ``churned`` (0/1), sorted by cutoff."""
+    """Labelled examples sorted by cutoff: ``user_id``, ``cutoff`` (the moment the features
+    are read), ``batch_at`` (the grid cutoff, at or after it) and ``churned`` (0/1)."""
     if history.empty:
         return _empty_examples()
     if policy.feedback_cutoffs:
@@ -123,13 +127,38 @@ def label_examples(
     known_at = np.repeat(churn["known_at"].to_numpy(), n_cutoffs)
     undecided = pd.isna(known_at) | (known_at > cutoff)
     keep = (seen <= cutoff) & undecided
-    label = ~pd.isna(churned_at) & (churned_at <= cutoff + policy.horizon.to_timedelta64())
+    users = np.repeat(first_seen.index.to_numpy(), n_cutoffs)[keep]
+    as_of = cutoff[keep]
+    if policy.anchor_to_events:
+        as_of = _last_event_before(history, users, as_of, policy.cutoff_every_days)
+    churned_at = churned_at[keep]
+    label = ~pd.isna(churned_at) & (churned_at <= as_of + policy.horizon.to_timedelta64())
     frame = pd.DataFrame({
-        "user_id": np.repeat(first_seen.index.to_numpy(), n_cutoffs)[keep],
-        "cutoff": pd.to_datetime(cutoff[keep], utc=True),
-        "churned": label[keep].astype(np.int8),
+        "user_id": users,
+        "cutoff": pd.to_datetime(as_of, utc=True),
+        "batch_at": pd.to_datetime(cutoff[keep], utc=True),
+        "churned": label.astype(np.int8),
     })
     return frame.sort_values(["cutoff", "user_id"], kind="stable").reset_index(drop=True)
+
+
+def _last_event_before(history: pd.DataFrame, users: np.ndarray, cutoff: np.ndarray,
+                       within_days: float) -> np.ndarray:
+    """Each user's last event time at or before ``cutoff`` if within the window, else cutoff.
+
+    The predictor scores a user right after one of their events; examples read at those
+    moments look like the rows it serves. Users silent over the window keep the cutoff.
+    """
+    events = pd.DataFrame({"user_id": history["user_id"].to_numpy(),
+                           "ts": utc_naive(history["ts"]).to_numpy()}).sort_values("ts")
+    queries = pd.DataFrame({"user_id": users, "cutoff": cutoff, "row": np.arange(len(users))})
+    matched = pd.merge_asof(queries.sort_values("cutoff"), events, left_on="cutoff",
+                            right_on="ts", by="user_id", direction="backward")
+    recent = (matched["ts"] > matched["cutoff"] - pd.Timedelta(days=within_days)).to_numpy()
+    moment = np.where(recent, matched["ts"].to_numpy(), matched["cutoff"].to_numpy())
+    anchored = np.empty_like(cutoff)
+    anchored[matched["row"].to_numpy()] = moment
+    return anchored
 
 
 def _feedback_examples(history: pd.DataFrame, feedback: pd.DataFrame | None,

@@ -53,8 +53,8 @@ class Holdout:
         n = len(self.labels)
         X = np.zeros((n, len(space.feature_names)), np.float32)
         S = np.zeros((n, space.sequence_days, len(space.sequence_channels)), np.float32)
-        for cutoff, store, rows in self.snapshots:
-            X[rows], S[rows] = store.matrix(store.user_ids(), cutoff.to_pydatetime(), space)
+        for snapshot in self.snapshots:
+            X[snapshot.rows], S[snapshot.rows] = snapshot.matrix(space)
         return X, S
 
 
@@ -280,7 +280,7 @@ def _check_classes(queries: pd.DataFrame, policy: LabelPolicy) -> None:
 def _renumber(snapshots: list[Snapshot], keep: np.ndarray) -> list[Snapshot]:
     """Snapshot rows as positions among the kept (holdout) rows."""
     position = np.cumsum(keep) - 1
-    return [(cutoff, store, position[rows]) for cutoff, store, rows in snapshots]
+    return [replace(s, rows=position[s.rows]) for s in snapshots]
 
 
 def fit_examples(examples: Examples, version: str, seed: int = 0,

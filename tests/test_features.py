@@ -249,3 +249,19 @@ def test_learning_from_nothing_is_refused() -> None:
                                   "categorical_values"])
     with pytest.raises(ValueError, match="empty history"):
         FeatureSpace.learn(empty)
+
+
+def test_one_as_of_time_per_row_equals_one_call_per_row() -> None:
+    events = list(simulated_events(60, 30, 11))
+    store = FeatureStore()
+    store.update(events)
+    space = FeatureSpace.learn(history_frame(events))
+    users = sorted({e.user_id for e in events})[:10]
+    moments = [events[-1].ts + timedelta(hours=7 * i) for i in range(10)]
+    X, S = store.matrix(users, moments, space)
+    for i, (user, moment) in enumerate(zip(users, moments, strict=True)):
+        X_one, S_one = store.matrix([user], moment, space)
+        np.testing.assert_array_equal(X[i], X_one[0])
+        np.testing.assert_array_equal(S[i], S_one[0])
+    with pytest.raises(ValueError, match="as-of times"):
+        store.matrix(users, moments[:3], space)

@@ -147,3 +147,49 @@ def test_feedback_outcomes_become_labels(engine) -> None:
     last = labels.groupby("user_id")["cutoff"].max()
     for u in range(15):
         assert last[f"u{u}"] < T0 + timedelta(days=12 + u % 10)
+
+
+def scenario() -> list[Event]:
+    """C logs in daily (08:00) and never churns; A cancels on day 20; B falls silent after
+    day 15. A and B act at 12:00; C's last event (day 40, 12:00) ends the data."""
+    def at(day: int, hour: int) -> datetime:
+        return T0 + timedelta(days=day, hours=hour)
+
+    events = [Event(user_id="C", event_type="login", ts=at(d, 8)) for d in range(40)]
+    events.append(Event(user_id="C", event_type="login", ts=at(40, 12)))
+    events += [Event(user_id="A", event_type="login", ts=at(d, 12)) for d in range(20)]
+    events.append(Event(user_id="A", event_type="subscription_cancelled", ts=at(20, 12)))
+    events += [Event(user_id="B", event_type="login", ts=at(d, 12)) for d in range(16)]
+    return events
+
+
+def test_labels_of_a_hand_made_scenario() -> None:
+    from tests.simulated import history_frame
+
+    labels = label_examples(history_frame(scenario()), None, LabelPolicy())
+    grid = [T0 + timedelta(days=d, hours=12) for d in range(7, 24)]
+    assert sorted(labels["batch_at"].unique()) == grid
+    by_user = {u: group.set_index("batch_at") for u, group in labels.groupby("user_id")}
+    # A: an example until it cancels (day 20), positive within 7 days of it.
+    assert list(by_user["A"].index) == grid[:13]
+    assert by_user["A"]["churned"].tolist() == [0] * 6 + [1] * 7
+    # B: silent from day 15 12:00, known on day 25; positive from the cutoff 7 days before.
+    assert list(by_user["B"].index) == grid
+    assert by_user["B"]["churned"].tolist() == [0] + [1] * 16
+    # C never churns, and is read right after its 08:00 login, as the stream would score it.
+    assert by_user["C"]["churned"].tolist() == [0] * 17
+    assert (by_user["C"]["cutoff"] == by_user["C"].index - timedelta(hours=4)).all()
+    assert (by_user["A"]["cutoff"] == by_user["A"].index).all()
+
+
+def test_replay_refuses_rows_that_later_events_would_leak_into() -> None:
+    from churn_stream.features import FeatureSpace, replay
+    from tests.simulated import history_frame
+
+    history = history_frame(scenario())
+    queries = label_examples(history, None, LabelPolicy())
+    space = FeatureSpace.learn(history)
+    replay(history, queries, space)  # anchored rows are safe
+    leaky = queries.assign(cutoff=queries["cutoff"] - timedelta(hours=5))
+    with pytest.raises(ValueError, match="would leak"):
+        replay(history, leaky, space)

@@ -1,6 +1,7 @@
 """The offline side: history replayed through a ``FeatureStore`` as of chosen cutoffs."""
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -41,14 +42,26 @@ def _time_order(ns: np.ndarray) -> np.ndarray:
     return np.argsort(ns, kind="stable")
 
 
-Snapshot = tuple[pd.Timestamp, FeatureStore, np.ndarray]
-"""(cutoff, the state of some users at that cutoff, the query rows they answer)."""
+@dataclass(frozen=True)
+class Snapshot:
+    """The state of some users as it was when their query rows were read."""
+
+    store: FeatureStore
+    user_ids: list[str]
+    as_of_s: np.ndarray
+    """Each row's as-of time, in seconds since 2000."""
+    rows: np.ndarray
+    """Positions of these rows among the queries."""
+
+    def matrix(self, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray]:
+        """The rows again, in the columns of ``space``."""
+        return self.store.matrix_at_seconds(self.user_ids, self.as_of_s, space)
 
 
 def features_at(
     history: pd.DataFrame, queries: pd.DataFrame, space: FeatureSpace
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features of each ``(user_id, cutoff)`` query row, from events with ``ts <= cutoff``.
+    """Features of each ``(user_id, cutoff)`` query row, from the user's events up to cutoff.
 
     History is replayed once through a ``FeatureStore`` in time order, pausing at each
     distinct cutoff to read the users asked about then: the serving code path, no leakage.
@@ -63,7 +76,10 @@ def replay(
 ) -> tuple[np.ndarray, np.ndarray, list[Snapshot]]:
     """``features_at``, also keeping the state behind the query rows flagged in ``keep``.
 
-    The kept state lets another model, with another feature space, read the same examples.
+    Queries may carry ``batch_at``, a later moment at which to read them (many cutoffs then
+    share one pause of the replay); a row's user must have no event between its cutoff and
+    its ``batch_at``, which is checked. The kept state lets another model, with another
+    feature space, read the same examples.
     """
     snapshots: list[Snapshot] = []
     ns = frame_ns(history)
@@ -75,20 +91,24 @@ def replay(
     store = FeatureStore(space)
     X = np.zeros((len(queries), len(space.feature_names)), np.float32)
     S = np.zeros((len(queries), space.sequence_days, len(space.sequence_channels)), np.float32)
-    cutoffs = pd.to_datetime(queries["cutoff"], utc=True)
+    as_of_ns = pd.to_datetime(queries["cutoff"], utc=True).to_numpy("datetime64[ns]").astype(
+        np.int64)
+    pauses = pd.to_datetime(queries.get("batch_at", queries["cutoff"]), utc=True)
     done = 0
-    for cutoff, rows in queries.groupby(cutoffs, sort=True).indices.items():
-        upto = int(np.searchsorted(ns, pd.Timestamp(cutoff).value, side="right"))
+    for pause, rows in queries.groupby(pauses, sort=True).indices.items():
+        upto = int(np.searchsorted(ns, pd.Timestamp(pause).value, side="right"))
         if upto > done:
             users, types, numeric, categorical = (c[done:upto] for c in columns)
             store.update_columns(users, types, ts_s[done:upto], numeric, categorical)
         done = upto
         users = queries["user_id"].iloc[rows].tolist()
-        X[rows], S[rows] = store.matrix(users, pd.Timestamp(cutoff).to_pydatetime(), space)
+        as_of_s = as_of_ns[rows] // 1_000_000_000 - EPOCH_S
+        store.check_nothing_after(users, as_of_s)
+        X[rows], S[rows] = store.matrix_at_seconds(users, as_of_s, space)
         if keep is not None and keep[rows].any():
-            flagged = rows[keep[rows]]
-            kept = store.subset(queries["user_id"].iloc[flagged].tolist())
-            snapshots.append((pd.Timestamp(cutoff), kept, flagged))
+            flagged = keep[rows]
+            kept = [u for u, k in zip(users, flagged, strict=True) if k]
+            snapshots.append(Snapshot(store.subset(kept), kept, as_of_s[flagged], rows[flagged]))
     return X, S, snapshots
 
 

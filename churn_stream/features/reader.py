@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 
 
 class Reader:
-    """Feature rows of some users, as of one moment, in the columns of one space."""
+    """Feature rows of some users, each as of its own moment, in the columns of one space."""
 
-    def __init__(self, store: "FeatureStore", slots: np.ndarray, as_of_s: int,
+    def __init__(self, store: "FeatureStore", slots: np.ndarray, as_of_s: np.ndarray,
                  space: FeatureSpace) -> None:
-        self.store, self.space, self.as_of_s = store, space, as_of_s
+        self.store, self.space = store, space
+        self.as_of_s = np.broadcast_to(np.asarray(as_of_s, dtype=np.int64), slots.shape)
         self.known = slots >= 0
         self.slots = np.where(self.known, slots, 0)
         self.state = store._state
@@ -43,10 +44,10 @@ class Reader:
 
     def _daily_counts(self) -> np.ndarray:
         """(n, RING_DAYS, store types): counts of the days ending on the as-of day, oldest first."""
-        days = self.as_of_s // DAY_S - (RING_DAYS - 1) + np.arange(RING_DAYS)
+        days = (self.as_of_s // DAY_S - (RING_DAYS - 1))[:, None] + np.arange(RING_DAYS)
         anchor = self.state["anchor_day"][self.slots].astype(np.int64)[:, None]
         held = (days > anchor - RING_DAYS) & (days <= anchor) & self.known[:, None]
-        counts = self.state["counts"][self.slots[:, None], days % RING_DAYS, :].astype(np.int64)
+        counts = self.state["counts"][self.slots[:, None], days % RING_DAYS].astype(np.int64)
         return counts * held[:, :, None]
 
     def _pick(self, values: np.ndarray, index: Mapping, names: Sequence, axis: int) -> np.ndarray:
@@ -63,8 +64,9 @@ class Reader:
         return picked
 
     def _days_since(self, ts_s: np.ndarray) -> np.ndarray:
-        days = (self.as_of_s - ts_s.astype(np.float64)) / DAY_S
-        never = (ts_s == NEVER_S) | ~self.known.reshape((-1,) + (1,) * (ts_s.ndim - 1))
+        per_row = (-1,) + (1,) * (ts_s.ndim - 1)
+        days = (self.as_of_s.reshape(per_row) - ts_s.astype(np.float64)) / DAY_S
+        never = (ts_s == NEVER_S) | ~self.known.reshape(per_row)
         return np.where(never, RECENCY_CAP_DAYS, np.clip(days, 0.0, RECENCY_CAP_DAYS))
 
     def _activity(self, total: np.ndarray) -> list[np.ndarray]:
@@ -99,7 +101,7 @@ class Reader:
         decayed = self._pick(self.state["decayed"][rows], index, pairs, axis=1).astype(np.float64)
         lifetime = self._pick(self.state["lifetime"][rows], index, pairs, axis=1)
         last = self._pick(self.state["last_value"][rows], index, pairs, axis=1)
-        dt_s = np.maximum(self.as_of_s - ref, 0).astype(np.float64)
+        dt_s = np.maximum(self.as_of_s[:, None] - ref, 0).astype(np.float64)
         fade_short, fade_long = np.exp(-dt_s / TAU_S[0]), np.exp(-dt_s / TAU_S[1])
         count_short = decayed[:, :, 2]
         mean_short = np.divide(decayed[:, :, 0], count_short, out=np.zeros_like(count_short),

@@ -158,15 +158,37 @@ class FeatureStore:
             return list(self._slots)
 
     def matrix(
-        self, user_ids: Sequence[str], as_of: datetime, space: FeatureSpace
+        self, user_ids: Sequence[str], as_of: datetime | Sequence[datetime], space: FeatureSpace
     ) -> tuple[np.ndarray, np.ndarray]:
         """Static features ``X`` (n, features) and sequences ``S`` (n, days, channels).
 
-        A user the store does not track gets the row of a user with no history.
+        ``as_of`` is one moment for all rows or one per row. A user the store does not
+        track gets the row of a user with no history.
         """
+        if isinstance(as_of, datetime):
+            moments = np.int64(seconds(as_of))
+        else:
+            moments = np.array([seconds(m) for m in as_of], dtype=np.int64)
+            if len(moments) != len(user_ids):
+                raise ValueError(f"{len(moments)} as-of times for {len(user_ids)} users")
+        return self.matrix_at_seconds(user_ids, moments, space)
+
+    def matrix_at_seconds(self, user_ids: Sequence[str], as_of_s: np.ndarray | np.int64,
+                          space: FeatureSpace) -> tuple[np.ndarray, np.ndarray]:
+        """``matrix`` with as-of times in seconds since 2000 (one, or one per row)."""
         with self._lock:
             slots = np.array([self._slots.get(u, -1) for u in user_ids], dtype=np.int64)
-            return Reader(self, slots, seconds(as_of), space).read()
+            return Reader(self, slots, as_of_s, space).read()
+
+    def check_nothing_after(self, user_ids: Sequence[str], as_of_s: np.ndarray) -> None:
+        """Raise if any of these users has an event later than their as-of time."""
+        with self._lock:
+            slots = np.array([self._slots.get(u, -1) for u in user_ids], dtype=np.int64)
+            latest = np.where(slots >= 0, self._state["last_s"][slots], NEVER_S)
+        late = np.flatnonzero(latest > as_of_s)
+        if late.size:
+            raise ValueError(f"user {user_ids[late[0]]} has events after the as-of time "
+                             "of a feature row: they would leak into it")
 
     # -- writing ----------------------------------------------------------------------------
 
