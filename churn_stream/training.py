@@ -10,7 +10,7 @@ Nothing is written anywhere: no model files, no rows (the predictor records its 
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -38,6 +38,12 @@ STAGES = {"load": 0.10, "label": 0.05, "features": 0.15, "rf": 0.15, "xgb": 0.10
 FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, -1
 VALIDATION_SHARE = 0.2
 MIN_PER_CLASS = 10
+MAX_USERS = 5000
+"""Users whose history one training run reads at most (a seeded sample beyond that)."""
+MAX_EXAMPLES = 20_000
+"""Fit examples at most (a seeded sample beyond that): bounds the sequence model's epochs."""
+USER_CHUNK = 900
+"""Users per ``IN (...)`` query; SQL Server takes at most 2,100 parameters."""
 REFERENCE_ROWS = 5000
 
 
@@ -111,8 +117,22 @@ class Run:
             self.progress("done", 1.0)
 
 
-def load_history(engine: sa.Engine, until: datetime | None = None) -> pd.DataFrame:
-    """``user_activity`` rows with ``ts <= until`` in time order; ``ts`` as aware UTC."""
+def load_history(engine: sa.Engine, until: datetime | None = None,
+                 user_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """``user_activity`` rows with ``ts <= until`` in time order; ``ts`` as aware UTC.
+
+    ``user_ids`` limits the rows to those users (read in chunks of ``USER_CHUNK``).
+    """
+    if user_ids is None:
+        return _read_history(engine, until, None)
+    chunks = [_read_history(engine, until, list(user_ids[i:i + USER_CHUNK]))
+              for i in range(0, len(user_ids), USER_CHUNK)]
+    frame = pd.concat(chunks, ignore_index=True) if chunks else _read_history(engine, until, [])
+    return frame.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
+
+
+def _read_history(engine: sa.Engine, until: datetime | None,
+                  user_ids: list[str] | None) -> pd.DataFrame:
     table = storage.user_activity
     # Reading JSON and times as text and parsing them in bulk is several times faster than
     # the per-row conversions of the column types.
@@ -123,13 +143,27 @@ def load_history(engine: sa.Engine, until: datetime | None = None) -> pd.DataFra
     query = sa.select(*columns).order_by(table.c.ts, table.c.event_id)
     if until is not None:
         query = query.where(table.c.ts <= storage.to_db_time(until))
+    if user_ids is not None:
+        query = query.where(table.c.user_id.in_(user_ids))
     with engine.connect() as conn:
         result = conn.execute(query)
         frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
-    frame["ts"] = pd.to_datetime(frame["ts"], utc=True, format="ISO8601")
+    text = len(frame) > 0 and isinstance(frame["ts"].iloc[0], str)
+    frame["ts"] = pd.to_datetime(frame["ts"], utc=True, format="ISO8601" if text else None)
     for column in ("numeric_values", "categorical_values"):
         frame[column] = [_json_dict(v) for v in frame[column]]
     return frame
+
+
+def sample_users(engine: sa.Engine, max_users: int, seed: int) -> list[str] | None:
+    """A seeded sample of ``max_users`` stored users, or None when there are no more."""
+    table = storage.user_activity
+    with engine.connect() as conn:
+        users = conn.execute(sa.select(table.c.user_id).distinct()).scalars().all()
+    if len(users) <= max_users:
+        return None
+    chosen = np.random.default_rng(seed).choice(sorted(users), max_users, replace=False)
+    return sorted(chosen.tolist())
 
 
 def _json_dict(value: Any) -> dict:
@@ -155,15 +189,21 @@ def load_feedback(engine: sa.Engine, until: datetime | None = None) -> pd.DataFr
 def train(
     engine: sa.Engine, version: str, *, holdout_share: float = 0.2,
     progress: Progress | None = None, failure_injection: FailureInjection = None,
-    policy: LabelPolicy | None = None, seed: int = 0,
+    policy: LabelPolicy | None = None, seed: int = 0, max_users: int | None = MAX_USERS,
 ) -> ChurnModel:
     """Train the three models and the blend from the database; raises ``NotEnoughData``
-    while there is too little labelled history and ``TrainingFailed`` if the run fails."""
+    while there is too little labelled history and ``TrainingFailed`` if the run fails.
+
+    With more than ``max_users`` users stored, a seeded sample of them is read: training
+    time then stays bounded however long the service has run.
+    """
     run = Run(version, progress, failure_injection)
     with _failures(run), run.stage("load"):
-        history, feedback = load_history(engine), load_feedback(engine)
-    log.info("training run %s: %d events of %d users, %d outcomes reported", version,
-             len(history), history["user_id"].nunique() if len(history) else 0, len(feedback))
+        sample = sample_users(engine, max_users, seed) if max_users else None
+        history, feedback = load_history(engine, user_ids=sample), load_feedback(engine)
+    log.info("training run %s: %d events of %d users%s, %d outcomes reported", version,
+             len(history), history["user_id"].nunique() if len(history) else 0,
+             " (a sample)" if sample else "", len(feedback))
     return train_from_history(history, feedback, version, holdout_share=holdout_share,
                               policy=policy, seed=seed, run=run)
 
@@ -171,7 +211,7 @@ def train(
 def train_from_history(
     history: pd.DataFrame, feedback: pd.DataFrame | None, version: str, *,
     holdout_share: float = 0.2, policy: LabelPolicy | None = None, seed: int = 0,
-    max_examples: int = 50_000, progress: Progress | None = None,
+    max_examples: int = MAX_EXAMPLES, progress: Progress | None = None,
     failure_injection: FailureInjection = None, run: Run | None = None,
 ) -> ChurnModel:
     """``train`` on a history from any source: ``user_activity``-shaped rows and outcomes."""
@@ -256,12 +296,17 @@ def split_roles(queries: pd.DataFrame, policy: LabelPolicy, holdout_share: float
 
 
 def _cap(queries: pd.DataFrame, max_examples: int, seed: int) -> pd.DataFrame:
-    """At most ``max_examples`` fit examples, a seeded sample; the order by cutoff stays."""
-    fit = np.flatnonzero(queries["role"].to_numpy() == FIT)
-    if len(fit) <= max_examples:
-        return queries.reset_index(drop=True)
-    dropped = np.random.default_rng(seed).choice(fit, len(fit) - max_examples, replace=False)
-    return queries.drop(queries.index[dropped]).reset_index(drop=True)
+    """At most ``max_examples`` fit and a quarter of that validation examples, seeded samples;
+    the order by cutoff stays."""
+    rng = np.random.default_rng(seed)
+    dropped = []
+    for role, limit in ((FIT, max_examples), (VALIDATION, max(max_examples // 4, 1))):
+        rows = np.flatnonzero(queries["role"].to_numpy() == role)
+        if len(rows) > limit:
+            dropped.append(rng.choice(rows, len(rows) - limit, replace=False))
+    if dropped:
+        queries = queries.drop(queries.index[np.concatenate(dropped)])
+    return queries.reset_index(drop=True)
 
 
 def _check_classes(queries: pd.DataFrame, policy: LabelPolicy) -> None:

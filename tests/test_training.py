@@ -193,3 +193,15 @@ def test_replay_refuses_rows_that_later_events_would_leak_into() -> None:
     leaky = queries.assign(cutoff=queries["cutoff"] - timedelta(hours=5))
     with pytest.raises(ValueError, match="would leak"):
         replay(history, leaky, space)
+
+
+def test_history_of_chosen_users_and_a_seeded_sample_of_users(sim_engine) -> None:
+    chosen = training.sample_users(sim_engine, 2, seed=5)
+    assert chosen is not None and len(chosen) == 2
+    assert chosen == training.sample_users(sim_engine, 2, seed=5)
+    history = training.load_history(sim_engine, user_ids=chosen)
+    assert set(history["user_id"]) == set(chosen)
+    assert history["ts"].is_monotonic_increasing
+    full = training.load_history(sim_engine)
+    assert len(history) == full["user_id"].isin(chosen).sum()
+    assert training.sample_users(sim_engine, 10_000, seed=5) is None

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 TF_THREADS = 2
 """Threads TensorFlow may use within and between operations; this box has two cores."""
 SEQUENCE_PARAMS = {"lstm_units": 32, "gru_units": 16, "static_units": 32, "head_units": 16,
-                   "learning_rate": 2e-3, "batch_size": 256, "max_epochs": 10, "patience": 2}
+                   "learning_rate": 2e-3, "batch_size": 512, "max_epochs": 8, "patience": 2}
 CLIP_SIGMAS = 5.0
 
 _loaded: ModuleType | None = None
