@@ -1,0 +1,1 @@
+"""Fault injection: the real services as processes, faults applied, what was stored counted."""
