@@ -265,3 +265,14 @@ def test_one_as_of_time_per_row_equals_one_call_per_row() -> None:
         np.testing.assert_array_equal(S[i], S_one[0])
     with pytest.raises(ValueError, match="as-of times"):
         store.matrix(users, moments[:3], space)
+
+
+def test_nbytes_counts_users_coming_and_going() -> None:
+    store = FeatureStore()
+    empty = store.nbytes()
+    store.update([event(f"user-{i}", "login", T0) for i in range(100)])
+    grown = store.nbytes()
+    assert grown > empty
+    store.forget([f"user-{i}" for i in range(100)])
+    assert store.nbytes() < grown
+    assert store._key_bytes == 0

@@ -31,6 +31,8 @@ from churn_stream.features.space import FeatureSpace
 
 log = logging.getLogger(__name__)
 
+INT_BYTES = sys.getsizeof(2**20)
+
 
 @dataclass
 class _Batch:
@@ -65,6 +67,7 @@ class FeatureStore:
         self._keys: dict[str, int] = {}
         self._codes: list[dict[str, int]] = []
         self._ignored: set[str] = set()
+        self._key_bytes = 0
         self._capacity = max(int(capacity), 1)
         self._state = st.allocate(self._capacity, 0, 0, 0)
         if space is not None:
@@ -85,10 +88,10 @@ class FeatureStore:
         """Bytes held for users: the state arrays plus the ``user_id -> slot`` dict."""
         with self._lock:
             arrays = sum(a.nbytes for a in self._state.values())
-            index = sys.getsizeof(self._slots) + sum(
-                sys.getsizeof(u) + sys.getsizeof(s) for u, s in self._slots.items()
-            )
-            return arrays + index + sys.getsizeof(self._free) + 8 * len(self._free)
+            # Key sizes are tallied as users come and go, so this stays O(1) at a million
+            # users; each slot number is an int object of its own.
+            index = sys.getsizeof(self._slots) + self._key_bytes + INT_BYTES * len(self._slots)
+            return arrays + index + sys.getsizeof(self._free)
 
     def update(self, events: Sequence[Event]) -> None:
         """Fold a micro-batch of events (any users, time order per user) into the state."""
@@ -130,7 +133,9 @@ class FeatureStore:
     def forget(self, user_ids: Iterable[str]) -> None:
         """Drop users' state; their slots are reused by new users."""
         with self._lock:
-            slots = [self._slots.pop(u) for u in user_ids if u in self._slots]
+            gone = [u for u in dict.fromkeys(user_ids) if u in self._slots]
+            slots = [self._slots.pop(u) for u in gone]
+            self._key_bytes -= sum(sys.getsizeof(u) for u in gone)
             if slots:
                 st.reset(self._state, np.array(slots))
                 self._free.extend(slots)
@@ -149,6 +154,7 @@ class FeatureStore:
             for name, array in self._state.items():
                 copy._state[name][: len(kept)] = array[rows]
             copy._slots = {u: i for i, u in enumerate(kept)}
+            copy._key_bytes = sum(sys.getsizeof(u) for u in kept)
             copy._used = len(kept)
             return copy
 
@@ -224,6 +230,7 @@ class FeatureStore:
                 if slot >= self._capacity:
                     self._resize(capacity=self._capacity * 2)
             self._slots[user_id] = slot
+            self._key_bytes += sys.getsizeof(user_id)
         return slot
 
     def _type_channel(self, kind: str) -> int:
