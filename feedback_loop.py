@@ -71,7 +71,13 @@ def serving_run(engine: sa.Engine) -> ServingRun | None:
 
 
 def validation_roc_auc(metrics: Any) -> float | None:
-    """``metrics["blend"]["roc_auc"]`` if it is a finite number, else None."""
+    """The blend's ROC-AUC of a run if it is a finite number, else None.
+
+    The predictor records ``metrics["models"]["blend"]["roc_auc"]``; a bare
+    ``metrics["blend"]["roc_auc"]`` is read too.
+    """
+    if isinstance(metrics, dict) and isinstance(metrics.get("models"), dict):
+        metrics = metrics["models"]
     blend = metrics.get("blend") if isinstance(metrics, dict) else None
     value = blend.get("roc_auc") if isinstance(blend, dict) else None
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):

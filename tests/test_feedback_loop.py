@@ -168,6 +168,7 @@ def test_cooldown_holds_every_trigger_back() -> None:
 
 
 @pytest.mark.parametrize("metrics,expected", [
+    ({"models": {"blend": {"roc_auc": 0.83}, "rf": {"roc_auc": 0.9}}}, 0.83),
     ({"blend": {"roc_auc": 0.83}}, 0.83), ({"blend": {"roc_auc": float("nan")}}, None),
     ({"blend": {"roc_auc": True}}, None), ({"rf": {"roc_auc": 0.8}}, None), ([], None),
 ])
@@ -190,7 +191,7 @@ def promote(engine: sa.Engine, version: str, trained_at: datetime, auc: float) -
         conn.execute(sa.insert(storage.model_runs), [{
             "model_version": version, "instance": "test", "reason": "start",
             "started_at": storage.to_db_time(trained_at - timedelta(seconds=60)),
-            "seconds": 60.0, "rows": 1000, "metrics": {"blend": {"roc_auc": auc}},
+            "seconds": 60.0, "rows": 1000, "metrics": {"models": {"blend": {"roc_auc": auc}}},
             "promoted": True, "error": None}])
 
 
