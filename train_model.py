@@ -3,10 +3,14 @@
 ``python train_model.py`` reads the configured database (``DATABASE_URL``, see
 ``churn_stream.settings``), trains random forest, XGBoost and the LSTM-GRU sequence model on a
 time- and user-based split, and prints each model's holdout quality, the blend weights and
-what scoring costs. Nothing is written to disk: the models live and die with this process.
+what scoring costs. ``--dataset kdd2015`` (or ``telco``) trains on a public dataset instead,
+read by the same replay readers that ``producer.py --replay`` streams. Nothing is written to
+disk: the models live and die with this process.
 """
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 import typer
@@ -33,18 +37,20 @@ def main(
     horizon_days: float = typer.Option(7.0, help="Churn within this many days is positive."),
     inactivity_days: float = typer.Option(10.0, help="Silence this long is churn; 0: never."),
     timing: bool = typer.Option(True, help="Also measure scoring cost per row."),
+    dataset: str | None = typer.Option(None, help="Train on a public dataset instead of the "
+                                       "database: kdd2015 or telco (optionally NAME:PATH)."),
+    limit_users: int | None = typer.Option(None, help="With --dataset: a seeded sample of "
+                                           "this many users."),
 ) -> None:
-    """Train in memory from the configured database and print the quality table."""
+    """Train in memory and print the quality table."""
     configure_logging("WARNING")
-    settings = get_settings()
-    url = settings.resolved_database_url()
-    console.print(f"training from {mask_url(url)}")
-    engine = storage.make_engine(url)
-    storage.create_schema(engine)
-    policy = LabelPolicy(horizon_days=horizon_days, inactivity_days=inactivity_days or None)
     version = datetime.now(UTC).strftime("cli-%Y%m%dT%H%M%S")
+    policy = LabelPolicy(horizon_days=horizon_days, inactivity_days=inactivity_days or None)
     try:
-        model = _train(engine, version, policy, holdout_share, seed)
+        if dataset:
+            model = _train_on_dataset(dataset, limit_users, version, holdout_share, seed)
+        else:
+            model = _train_on_database(version, policy, holdout_share, seed)
     except NotEnoughData as exc:
         console.print(f"[yellow]not enough data:[/] {exc}")
         raise typer.Exit(2) from None
@@ -58,16 +64,51 @@ def main(
         console.print(cost_table(training_cost(model, X, S)))
 
 
-def _train(engine, version: str, policy: LabelPolicy, holdout_share: float, seed: int):
+def _train_on_database(version: str, policy: LabelPolicy, holdout_share: float, seed: int):
+    url = get_settings().resolved_database_url()
+    console.print(f"training from {mask_url(url)}")
+    engine = storage.make_engine(url)
+    storage.create_schema(engine)
+    with _progress() as progress:
+        return training.train(engine, version, holdout_share=holdout_share, progress=progress,
+                              policy=policy, seed=seed)
+
+
+DATASET_POLICIES = {
+    # Dropout is reported 10 days after each enrollment's window: one example per enrollment,
+    # read at the window's end; silence is not churn there (every window simply ends).
+    "kdd2015": (LabelPolicy(horizon_days=10, inactivity_days=None, feedback_cutoffs=True),
+                training.split_roles),
+    # One snapshot of every customer, churn reported 30 days later: only users can be split.
+    "telco": (LabelPolicy(horizon_days=30, inactivity_days=None, feedback_cutoffs=True),
+              training.split_users),
+}
+
+
+def _train_on_dataset(dataset: str, limit_users: int | None, version: str,
+                      holdout_share: float, seed: int):
+    from churn_stream.replay.frames import training_frames
+    from churn_stream.replay.registry import open_replay
+
+    name = dataset.partition(":")[0]
+    if name not in DATASET_POLICIES:
+        raise typer.BadParameter(f"unknown dataset {name}; choose from "
+                                 f"{', '.join(DATASET_POLICIES)}", param_hint="--dataset")
+    policy, split = DATASET_POLICIES[name]
+    console.print(f"reading {dataset}" + (f" ({limit_users} users)" if limit_users else ""))
+    history, feedback = training_frames(open_replay(dataset, limit_users=limit_users, seed=seed))
+    with _progress() as progress:
+        return training.train_from_history(history, feedback, version, policy=policy,
+                                           split=split, holdout_share=holdout_share, seed=seed,
+                                           progress=progress)
+
+
+@contextmanager
+def _progress() -> Iterator[training.Progress]:
     columns = (TextColumn("{task.description:<10}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("load", total=1.0)
-
-        def progress(stage: str, done: float) -> None:
-            bar.update(task, description=stage, completed=done)
-
-        return training.train(engine, version, holdout_share=holdout_share, progress=progress,
-                              policy=policy, seed=seed)
+        yield lambda stage, done: bar.update(task, description=stage, completed=done)
 
 
 def quality_table(model) -> Table:

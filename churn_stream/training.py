@@ -36,6 +36,8 @@ FailureInjection = str | Callable[[str], None] | None
 STAGES = {"load": 0.10, "label": 0.05, "features": 0.15, "rf": 0.15, "xgb": 0.10,
           "seq": 0.35, "evaluate": 0.10}
 FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, -1
+Split = Callable[[pd.DataFrame, LabelPolicy, float, int], np.ndarray]
+"""``(queries, policy, holdout_share, seed) -> role per example``."""
 VALIDATION_SHARE = 0.2
 MIN_PER_CLASS = 10
 MAX_USERS = 5000
@@ -213,12 +215,17 @@ def train_from_history(
     holdout_share: float = 0.2, policy: LabelPolicy | None = None, seed: int = 0,
     max_examples: int = MAX_EXAMPLES, progress: Progress | None = None,
     failure_injection: FailureInjection = None, run: Run | None = None,
+    split: Split | None = None,
 ) -> ChurnModel:
-    """``train`` on a history from any source: ``user_activity``-shaped rows and outcomes."""
+    """``train`` on a history from any source: ``user_activity``-shaped rows and outcomes.
+
+    ``split`` assigns roles (default ``split_roles``, by time and user; ``split_users`` for
+    a single snapshot such as a profile table, where no time split exists).
+    """
     run = run or Run(version, progress, failure_injection)
     with _failures(run):
         examples = build_examples(history, feedback, policy or LabelPolicy(), holdout_share,
-                                  seed, max_examples, run)
+                                  seed, max_examples, run, split)
         model = fit_examples(examples, version, seed, run)
     run.finish()
     return model
@@ -239,6 +246,7 @@ def _failures(run: Run) -> Iterator[None]:
 def build_examples(
     history: pd.DataFrame, feedback: pd.DataFrame | None, policy: LabelPolicy,
     holdout_share: float, seed: int, max_examples: int, run: Run | None = None,
+    split: Split | None = None,
 ) -> Examples:
     """Label, split and featurise: the examples a fit needs."""
     run = run or Run("examples", None, None)
@@ -253,7 +261,7 @@ def build_examples(
                                 f"need {needed:.1f} (history before the first cutoff, then "
                                 "horizon and inactivity gap after it)")
         log.info("training run %s: %s", run.version, describe(queries))
-        queries["role"] = split_roles(queries, policy, holdout_share, seed)
+        queries["role"] = (split or split_roles)(queries, policy, holdout_share, seed)
         queries = _cap(queries[queries["role"] != UNUSED], max_examples, seed)
         _check_classes(queries, policy)
     with run.stage("features"):
@@ -268,31 +276,54 @@ def split_roles(queries: pd.DataFrame, policy: LabelPolicy, holdout_share: float
                 seed: int) -> np.ndarray:
     """Role of each example: fit, validation, holdout, or unused (its label overlaps the holdout).
 
-    Holdout: a ``holdout_share`` of users, at the latest ``holdout_share`` of cutoffs.
-    Fit and validation: the other users, at cutoffs at least one horizon before that.
+    Holdout: the examples of the latest ``holdout_share`` (by count) of held-out users,
+    who are every user seen only then and a random ``holdout_share`` of those seen both
+    before and then. Fit and validation: the other users' examples whose labels were
+    settled by the time the holdout starts; validation is a random share of those users.
     """
     if not 0 < holdout_share < 1:
         raise ValueError("holdout_share must be between 0 and 1")
     roles = np.full(len(queries), UNUSED)
     if queries.empty:
         return roles
-    rng = np.random.default_rng(seed)
-    users = np.array(sorted(queries["user_id"].unique()))
-    shuffled = rng.permutation(users)
-    n_holdout = max(1, round(holdout_share * len(users)))
-    n_validation = max(1, round(VALIDATION_SHARE * (len(users) - n_holdout)))
-    held = set(shuffled[:n_holdout])
-    validating = set(shuffled[n_holdout:n_holdout + n_validation])
-    cutoffs = pd.DatetimeIndex(queries["cutoff"].unique()).sort_values()
-    start = cutoffs[min(len(cutoffs) - 1, int(np.floor((1 - holdout_share) * len(cutoffs))))]
-    user = queries["user_id"].to_numpy()
     cutoff = queries["cutoff"]
-    in_holdout = np.isin(user, list(held))
-    before = (cutoff + policy.horizon <= start).to_numpy()
-    roles[in_holdout & (cutoff >= start).to_numpy()] = HOLDOUT
-    roles[~in_holdout & before] = FIT
-    roles[~in_holdout & before & np.isin(user, list(validating))] = VALIDATION
+    ordered = cutoff.sort_values(kind="stable")
+    start = ordered.iloc[min(len(ordered) - 1, int(np.floor((1 - holdout_share) * len(ordered))))]
+    late = (cutoff >= start).to_numpy()
+    early = (cutoff + policy.horizon <= start).to_numpy()
+    user = queries["user_id"].to_numpy()
+    seen_early, seen_late = set(user[early]), set(user[late])
+    rng = np.random.default_rng(seed)
+    spanning = sorted(seen_early & seen_late)
+    held = set(_some(rng, spanning, holdout_share)) | (seen_late - seen_early)
+    learning = sorted(seen_early - held)
+    validating = _some(rng, learning, VALIDATION_SHARE)
+    in_held = np.isin(user, list(held))
+    roles[in_held & late] = HOLDOUT
+    roles[~in_held & early] = FIT
+    roles[~in_held & early & np.isin(user, validating)] = VALIDATION
     return roles
+
+
+def split_users(queries: pd.DataFrame, policy: LabelPolicy, holdout_share: float,
+                seed: int) -> np.ndarray:
+    """Roles by user alone: a random ``holdout_share`` of users is the holdout, a share of
+    the rest validates. For one snapshot of every user, where time cannot split."""
+    del policy  # every example is settled by construction in a snapshot
+    rng = np.random.default_rng(seed)
+    users = sorted(queries["user_id"].unique())
+    held = _some(rng, users, holdout_share)
+    validating = _some(rng, sorted(set(users) - set(held)), VALIDATION_SHARE)
+    user = queries["user_id"].to_numpy()
+    return np.select([np.isin(user, held), np.isin(user, validating)], [HOLDOUT, VALIDATION],
+                     FIT)
+
+
+def _some(rng: np.random.Generator, users: list[str], share: float) -> list[str]:
+    """A seeded ``share`` of ``users`` (at least one when there are any)."""
+    if not users:
+        return []
+    return list(rng.permutation(users)[:max(1, round(share * len(users)))])
 
 
 def _cap(queries: pd.DataFrame, max_examples: int, seed: int) -> pd.DataFrame:
