@@ -4,6 +4,7 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from churn_stream import storage, training
@@ -205,3 +206,26 @@ def test_history_of_chosen_users_and_a_seeded_sample_of_users(sim_engine) -> Non
     full = training.load_history(sim_engine)
     assert len(history) == full["user_id"].isin(chosen).sum()
     assert training.sample_users(sim_engine, 10_000, seed=5) is None
+
+
+def test_the_split_keeps_holdout_users_and_outcomes_out_of_training(sim_engine) -> None:
+    policy = LabelPolicy()
+    queries = label_examples(training.load_history(sim_engine), None, policy)
+    roles = training.split_roles(queries, policy, 0.2, seed=0)
+    users = {role: set(queries["user_id"][roles == role])
+             for role in (training.FIT, training.VALIDATION, training.HOLDOUT)}
+    assert not users[training.HOLDOUT] & (users[training.FIT] | users[training.VALIDATION])
+    assert not users[training.FIT] & users[training.VALIDATION]
+    learnt = queries["cutoff"][np.isin(roles, [training.FIT, training.VALIDATION])]
+    held = queries["cutoff"][roles == training.HOLDOUT]
+    assert learnt.max() + policy.horizon <= held.min()
+    assert (roles == training.HOLDOUT).sum() >= 100
+
+
+def test_split_users_for_a_snapshot_holds_out_whole_users() -> None:
+    queries = pd.DataFrame({"user_id": [f"u{i}" for i in range(100)],
+                            "cutoff": pd.Timestamp("2018-01-01", tz="UTC"), "churned": 0})
+    roles = training.split_users(queries, LabelPolicy(), 0.2, seed=0)
+    assert (roles == training.HOLDOUT).sum() == 20
+    assert (roles == training.VALIDATION).sum() == 16
+    assert (roles == training.FIT).sum() == 64
