@@ -9,6 +9,7 @@ Nothing is written anywhere: no model files, no rows (the predictor records its 
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -200,6 +201,8 @@ def train(
     time then stays bounded however long the service has run.
     """
     run = Run(version, progress, failure_injection)
+    # TensorFlow takes seconds to import; let that overlap with reading the database.
+    threading.Thread(target=_import_tensorflow, name="tensorflow-import", daemon=True).start()
     with _failures(run), run.stage("load"):
         sample = sample_users(engine, max_users, seed) if max_users else None
         history, feedback = load_history(engine, user_ids=sample), load_feedback(engine)
@@ -208,6 +211,15 @@ def train(
              " (a sample)" if sample else "", len(feedback))
     return train_from_history(history, feedback, version, holdout_share=holdout_share,
                               policy=policy, seed=seed, run=run)
+
+
+def _import_tensorflow() -> None:
+    from churn_stream.models.sequence import tensorflow
+
+    try:
+        tensorflow()
+    except Exception:  # the sequence model's fit meets the same error and reports it
+        log.debug("importing TensorFlow ahead of use failed", exc_info=True)
 
 
 def train_from_history(
