@@ -26,6 +26,8 @@ from churn_stream.storage import (
 DASHBOARD_TABLES = (user_activity, predictions, model_runs, drift_reports, model_performance)
 BUCKET_WIDTHS_S = (60, 300, 600, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86_400)
 SCORE_COLUMNS = ("score", "score_rf", "score_xgb", "score_seq")
+MAX_ROWS = 200_000
+"""Most rows one aggregate reads, whatever the window: the newest ones count."""
 
 
 class epoch_seconds(FunctionElement):  # noqa: N801 - SQL functions read lower case
@@ -84,50 +86,60 @@ def _bucket_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def users_tracked(conn: Connection) -> int:
+    """Distinct users with at least one stored event: a scan of the (user_id, ts) index."""
+    return conn.execute(
+        sa.select(sa.func.count(sa.distinct(user_activity.c.user_id)))
+    ).scalar_one()
+
+
 def activity_summary(conn: Connection, rate_window_min: float = 5.0) -> dict[str, Any]:
-    """Users tracked, events per minute over the newest minutes, and when the last one came.
+    """Events per minute over the newest minutes, and when the last of them was stored.
 
     The rate is measured in event time, which a live stream keeps close to the wall clock;
     ``last_ingested_at`` tells whether the stream is still flowing.
     """
-    users = conn.execute(
-        sa.select(sa.func.count(sa.distinct(user_activity.c.user_id)))
-    ).scalar_one()
     until = newest(conn, user_activity.c.ts)
     if until is None:
-        return {"users": 0, "events_per_min": 0.0, "newest_ts": None, "last_ingested_at": None}
+        return {"events_per_min": 0.0, "newest_ts": None, "last_ingested_at": None}
     since = until - timedelta(minutes=rate_window_min)
     recent = sa.select(
         sa.func.count().label("events"), sa.func.max(user_activity.c.ingested_at).label("last")
     ).where(user_activity.c.ts > since)
     events, last_ingested_at = conn.execute(recent).one()
     return {
-        "users": users,
         "events_per_min": events / rate_window_min,
         "newest_ts": until,
         "last_ingested_at": last_ingested_at,
     }
 
 
-def latest_scores(conn: Connection, hours: float, max_users: int = 50_000) -> pd.DataFrame:
-    """Each user's latest prediction within the window, riskiest first."""
+def latest_scores(
+    conn: Connection, hours: float, max_users: int = 50_000, max_rows: int = MAX_ROWS
+) -> pd.DataFrame:
+    """Each user's latest prediction among the newest ``max_rows`` of the window, riskiest first.
+
+    "Latest" is the highest row id, the order in which predictions were written: cheaper
+    than ranking by time, and the same for one predictor or several writing as they score.
+    """
     columns = ["user_id", "scored_at", *SCORE_COLUMNS, "model_version", "latency_ms"]
     until = newest(conn, predictions.c.scored_at)
     if until is None:
         return pd.DataFrame(columns=columns)
-    rank = sa.func.row_number().over(
-        partition_by=predictions.c.user_id,
-        order_by=(predictions.c.scored_at.desc(), predictions.c.id.desc()),
-    )
-    ranked = (
-        sa.select(*(predictions.c[c] for c in columns), rank.label("rank"))
+    recent = (
+        sa.select(predictions.c.id, predictions.c.user_id)
         .where(predictions.c.scored_at >= until - timedelta(hours=hours))
+        .order_by(predictions.c.scored_at.desc())
+        .limit(max_rows)
         .subquery()
     )
+    latest_ids = (
+        sa.select(sa.func.max(recent.c.id).label("id")).group_by(recent.c.user_id).subquery()
+    )
     query = (
-        sa.select(*(ranked.c[c] for c in columns))
-        .where(ranked.c.rank == 1)
-        .order_by(ranked.c.score.desc(), ranked.c.user_id)
+        sa.select(*(predictions.c[c] for c in columns))
+        .join(latest_ids, predictions.c.id == latest_ids.c.id)
+        .order_by(predictions.c.score.desc(), predictions.c.user_id)
         .limit(max_users)
     )
     return _frame(conn, query, times=("scored_at",))
@@ -196,20 +208,28 @@ def live_performance(conn: Connection, limit: int = 2000) -> pd.DataFrame:
     return _frame(conn, query, times=("computed_at",))
 
 
-def activity_by_type(conn: Connection, hours: float) -> pd.DataFrame:
-    """Event counts per time bucket and event type over the newest ``hours`` of event time."""
+def activity_by_type(conn: Connection, hours: float, max_rows: int = MAX_ROWS) -> pd.DataFrame:
+    """Event counts per time bucket and event type over the newest ``hours`` of event time.
+
+    Only the newest ``max_rows`` events count, so a busy stream costs a bounded scan; the
+    chart then starts later than the window.
+    """
     until = newest(conn, user_activity.c.ts)
     if until is None:
         return pd.DataFrame(columns=["bucket", "event_type", "events"])
     width_s = bucket_width_s(hours)
-    bucket = (epoch_seconds(user_activity.c.ts) // width_s) * width_s
-    # Grouping on a subquery's column keeps SQL Server from comparing two copies of the
-    # bucket expression, each with its own bound parameters.
-    rows = (
-        sa.select(bucket.label("bucket"), user_activity.c.event_type)
+    recent = (
+        sa.select(user_activity.c.ts, user_activity.c.event_type)
         .where(user_activity.c.ts >= until - timedelta(hours=hours))
+        .order_by(user_activity.c.ts.desc())
+        .limit(max_rows)
         .subquery()
     )
+    # Grouping on a subquery's column keeps SQL Server from comparing two copies of the
+    # bucket expression, each with its own bound parameters.
+    rows = sa.select(
+        ((epoch_seconds(recent.c.ts) // width_s) * width_s).label("bucket"), recent.c.event_type
+    ).subquery()
     query = (
         sa.select(rows.c.bucket, rows.c.event_type, sa.func.count().label("events"))
         .group_by(rows.c.bucket, rows.c.event_type)
@@ -218,18 +238,23 @@ def activity_by_type(conn: Connection, hours: float) -> pd.DataFrame:
     return _bucket_frame(_frame(conn, query))
 
 
-def risk_over_time(conn: Connection, hours: float) -> pd.DataFrame:
-    """Mean blended and per-model score per time bucket over the newest ``hours``."""
+def risk_over_time(conn: Connection, hours: float, max_rows: int = MAX_ROWS) -> pd.DataFrame:
+    """Mean blended and per-model score per bucket over the newest ``max_rows`` of the window."""
     until = newest(conn, predictions.c.scored_at)
     if until is None:
         return pd.DataFrame(columns=["bucket", "predictions", *SCORE_COLUMNS])
     width_s = bucket_width_s(hours)
-    bucket = (epoch_seconds(predictions.c.scored_at) // width_s) * width_s
-    rows = (
-        sa.select(bucket.label("bucket"), *(predictions.c[c] for c in SCORE_COLUMNS))
+    recent = (
+        sa.select(predictions.c.scored_at, *(predictions.c[c] for c in SCORE_COLUMNS))
         .where(predictions.c.scored_at >= until - timedelta(hours=hours))
+        .order_by(predictions.c.scored_at.desc())
+        .limit(max_rows)
         .subquery()
     )
+    rows = sa.select(
+        ((epoch_seconds(recent.c.scored_at) // width_s) * width_s).label("bucket"),
+        *(recent.c[c] for c in SCORE_COLUMNS),
+    ).subquery()
     query = (
         sa.select(
             rows.c.bucket,

@@ -48,7 +48,8 @@ def seed_sample_data(
     simulator = Simulator(n_users, start, days, seed=seed, churn_share=0.4, drift_at=shift_at)
     events = [e for e in simulator.events() if e.ts <= now]
     activity = [storage.event_row(e, e.ts + timedelta(seconds=0.5)) for e in events]
-    scores = _prediction_rows(simulator, now, retrain_at, rng)
+    active = {e.user_id for e in events}
+    scores = _prediction_rows(simulator, active, now, retrain_at, rng)
     runs = _model_runs(start, retrain_at, now)
     with engine.begin() as conn:
         storage.insert_idempotent(conn, storage.user_activity, activity)
@@ -77,15 +78,17 @@ def _newest_minutes(events: list, minutes: float) -> list[datetime]:
 
 
 def _prediction_rows(
-    simulator: Simulator, now: datetime, retrain_at: datetime, rng: np.random.Generator
+    simulator: Simulator, active: set[str], now: datetime, retrain_at: datetime,
+    rng: np.random.Generator,
 ) -> list[dict]:
-    """Every user scored every two hours over the last 20 h, churners rising as they decline."""
+    """Users with events scored every two hours over the last 20 h, churners rising as they
+    decline; the predictor only ever scores users it has seen events of."""
     rows = []
     for hours_ago in range(20, -1, -2):
         at = now - timedelta(hours=hours_ago, minutes=float(rng.uniform(1, 30)))
         version = "v2" if at >= retrain_at else "v1"
         for user in simulator.users:
-            if user.churn_at is not None and user.churn_at < at:
+            if user.user_id not in active or (user.churn_at is not None and user.churn_at < at):
                 continue
             risk = 1.0 - user.decline(at + timedelta(days=7))
             logit = -2.2 + 4.5 * risk + 1.2 * (0.5 - user.engagement) + rng.normal(0, 0.5)

@@ -3,6 +3,7 @@ Streamlit's AppTest (seeded, schema only, no database at all), and a real headle
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def test_activity_buckets_count_every_event_of_the_window(conn, seeded) -> None:
 def test_activity_summary_rate_is_the_newest_five_minutes(conn, seeded) -> None:
     _, summary = seeded
     activity = queries.activity_summary(conn)
-    assert activity["users"] == summary.users
+    assert queries.users_tracked(conn) == summary.users
     assert activity["events_per_min"] == pytest.approx(len(summary.newest_event_ts) / 5)
     assert activity["newest_ts"] == summary.newest_event_ts[-1]
 
@@ -161,10 +162,45 @@ def test_epoch_seconds_matches_python_on_sqlite(conn) -> None:
         assert value == int(moment.replace(tzinfo=UTC).timestamp())
 
 
-def test_queries_compile_for_sql_server() -> None:
-    bucket = queries.epoch_seconds(storage.predictions.c.scored_at)
-    sql = str(sa.select(bucket).compile(dialect=mssql.dialect()))
-    assert "DATEDIFF_BIG(second, '19700101', predictions.scored_at)" in sql
+class RecordingConnection:
+    """Compiles what a query sends for SQL Server and answers like an empty table.
+
+    No SQL Server runs here; this shows the windowed queries compile in its dialect.
+    """
+
+    dialect = mssql.dialect()
+
+    def __init__(self) -> None:
+        self.sql: list[str] = []
+
+    def execute(self, statement: sa.Executable) -> "RecordingConnection":
+        self.sql.append(str(statement.compile(dialect=self.dialect)))
+        self.columns = list(statement.selected_columns.keys())
+        return self
+
+    def scalar(self) -> datetime:
+        return datetime(2026, 1, 1)
+
+    def fetchall(self) -> list:
+        return []
+
+    def keys(self) -> list[str]:
+        return self.columns
+
+
+def test_windowed_queries_compile_for_sql_server() -> None:
+    recorder = RecordingConnection()
+    queries.activity_by_type(recorder, hours=24)
+    queries.risk_over_time(recorder, hours=24)
+    queries.latest_scores(recorder, hours=24)
+    activity, risk, latest = recorder.sql[1], recorder.sql[3], recorder.sql[5]
+    assert "DATEDIFF_BIG(second, '19700101', anon_2.ts)" in activity
+    assert "DATEDIFF_BIG(second, '19700101', anon_2.scored_at)" in risk
+    for sql in (activity, risk, latest):
+        assert re.search(r"TOP __\[POSTCOMPILE_param_\d\]", sql) and "LIMIT" not in sql
+        assert "2026" not in sql  # times travel as bound parameters
+    assert "GROUP BY anon_1.bucket, anon_1.event_type" in activity
+    assert "max(anon_2.id)" in latest and "GROUP BY anon_2.user_id" in latest
 
 
 def test_bucket_width_is_round_and_bounded() -> None:
