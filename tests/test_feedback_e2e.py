@@ -20,7 +20,7 @@ from tests.brokers import free_port
 from tests.conftest import ROOT, settings_env, wait_until
 
 PRODUCER_ARGS = [
-    "--users=400", "--seed=11", "--churn-share=0.6",
+    "--users=300", "--seed=11", "--churn-share=0.6",
     # Churns start 15% into the simulated span: a short horizon puts them in the history.
     "--backfill-days=40", "--horizon-days=10",
     # A live phase of 6 simulated days at 1200x lasts about 7 minutes, so the retrained
