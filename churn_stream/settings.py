@@ -141,11 +141,13 @@ class Settings(BaseSettings):
     retrain_failure_injection: str | None = None
     """Tests only: ``raise`` or ``memory`` makes every retrain after the first fail that way."""
     drift_window_rows: int = Field(5000, ge=1)
-    """Scored rows in one drift window; a window also closes after ``drift_window_s``."""
+    """Scored rows in one drift window, a prediction counted once per event it answers; a
+    window also closes after ``drift_window_s``."""
     drift_window_s: float = Field(300.0, gt=0)
     """Longest a drift window stays open, so that slow traffic is still checked."""
-    drift_min_rows: int = Field(500, ge=1)
-    """A window with fewer rows is not evaluated: too small a sample to call drift."""
+    drift_min_rows: int = Field(1000, ge=1)
+    """A window with fewer rows is not evaluated: on a few hundred rows, sampling noise in
+    sparse features (purchase amounts, say) reads as drift."""
     drift_psi_threshold: float = Field(0.2, gt=0)
     """PSI above which a feature counts as drifted (0.1 to 0.2 reads as moderate)."""
     drift_ks_threshold: float = Field(0.1, gt=0, le=1)

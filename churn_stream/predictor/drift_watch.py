@@ -60,11 +60,17 @@ class DriftWatch:
         self.profile: ReferenceProfile | None = None
         self.verdicts: list[Verdict] = []
 
-    def add(self, model: ChurnModel, rows: np.ndarray, scores: np.ndarray) -> None:
-        """Scored rows of one batch; a new model starts a new window against its reference."""
+    def add(self, model: ChurnModel, rows: np.ndarray, scores: np.ndarray,
+            events: np.ndarray) -> None:
+        """Scored rows of one batch; a new model starts a new window against its reference.
+
+        A row counts once per event it answers, as in the reference (one row per event):
+        otherwise how many events a micro-batch folds into one prediction, which depends on
+        the traffic and the backlog, would shift the live distribution towards light users.
+        """
         if self.profile is None or self.profile.model_version != model.version:
             self._start_profile(model)
-        self.window.add(rows, scores)
+        self.window.add(np.repeat(rows, events, axis=0), np.repeat(scores, events))
 
     def _start_profile(self, model: ChurnModel) -> None:
         self.profile = ReferenceProfile(model.version, model.space.feature_names,

@@ -52,19 +52,24 @@ class Touched:
     user_ids: list[str]
     latest_ts: list[datetime]
     oldest_sent_ms: np.ndarray
+    events: np.ndarray
+    """How many of the batch's events each prediction answers."""
 
     @classmethod
     def of(cls, received: Sequence[Received]) -> "Touched":
         latest: dict[str, datetime] = {}
         oldest: dict[str, int] = {}
+        events: dict[str, int] = {}
         for item in received:
             user_id = item.event.user_id
             if user_id not in latest or item.event.ts > latest[user_id]:
                 latest[user_id] = item.event.ts
             oldest[user_id] = min(oldest.get(user_id, item.timestamp_ms), item.timestamp_ms)
+            events[user_id] = events.get(user_id, 0) + 1
         users = list(latest)
         return cls(users, [latest[u] for u in users],
-                   np.array([oldest[u] for u in users], dtype=np.float64))
+                   np.array([oldest[u] for u in users], dtype=np.float64),
+                   np.array([events[u] for u in users], dtype=np.int64))
 
 
 class Predictor:
@@ -140,7 +145,7 @@ class Predictor:
         predictions = prediction_rows(touched, scores, model.version, scored_ms, latency_ms)
         self._write(predictions)
         self._send(predictions)
-        self.drift.add(model, rows, scores.blend)
+        self.drift.add(model, rows, scores.blend, touched.events)
         for value in latency_ms:
             EVENT_LATENCY.observe(value / 1000)
         PREDICTIONS.inc(len(predictions))
