@@ -39,6 +39,7 @@ CHROMIUM_FLAGS = (
     "--hide-scrollbars",
 )
 SETTLE_S = 2.0
+STALE_SELECTOR = '[data-stale="true"]'
 FULL_HEIGHT_JS = (
     "const main = document.querySelector('[data-testid=\"stMain\"]');"
     "return main ? main.scrollHeight : document.body.scrollHeight;"
@@ -109,6 +110,10 @@ def capture(browser: webdriver.Chrome, url: str, out: Path, min_charts: int,
         height_px = browser.execute_script(FULL_HEIGHT_JS)
         browser.set_window_size(browser.get_window_size()["width"], int(height_px) + 40)
         time.sleep(SETTLE_S)
+    # A fragment rerunning on its timer greys its elements out until it is done.
+    WebDriverWait(browser, timeout_s).until(
+        lambda b: not b.find_elements(By.CSS_SELECTOR, STALE_SELECTOR)
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(out))
     return browser.page_source
