@@ -7,11 +7,10 @@ period. Validation (early stopping, blend weights) is a share of the training us
 Nothing is written anywhere: no model files, no rows (the predictor records its runs).
 """
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -21,11 +20,28 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from churn_stream import storage
 from churn_stream.errors import NotEnoughData, TrainingFailed
 from churn_stream.features import FeatureSpace, Snapshot, replay
+from churn_stream.history import load_feedback, load_history, sample_users
 from churn_stream.labels import LabelPolicy, describe, label_examples
 from churn_stream.models import MODEL_NAMES, ChurnModel, choose_weights, classification_metrics
+from churn_stream.splits import (
+    FIT,
+    HOLDOUT,
+    UNUSED,
+    VALIDATION,
+    Split,
+    cap,
+    check_classes,
+    split_roles,
+    split_users,
+)
+
+__all__ = [
+    "FIT", "HOLDOUT", "UNUSED", "VALIDATION", "Examples", "Holdout", "Run", "Split",
+    "build_examples", "compare_on_holdout", "fit_examples", "load_feedback", "load_history",
+    "sample_users", "split_roles", "split_users", "train", "train_from_history",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +52,10 @@ FailureInjection = str | Callable[[str], None] | None
 
 STAGES = {"load": 0.10, "label": 0.05, "features": 0.15, "rf": 0.15, "xgb": 0.10,
           "seq": 0.35, "evaluate": 0.10}
-FIT, VALIDATION, HOLDOUT, UNUSED = 0, 1, 2, -1
-Split = Callable[[pd.DataFrame, LabelPolicy, float, int], np.ndarray]
-"""``(queries, policy, holdout_share, seed) -> role per example``."""
-VALIDATION_SHARE = 0.2
-MIN_PER_CLASS = 10
 MAX_USERS = 5000
 """Users whose history one training run reads at most (a seeded sample beyond that)."""
 MAX_EXAMPLES = 20_000
 """Fit examples at most (a seeded sample beyond that): bounds the sequence model's epochs."""
-USER_CHUNK = 900
-"""Users per ``IN (...)`` query; SQL Server takes at most 2,100 parameters."""
 REFERENCE_ROWS = 5000
 
 
@@ -118,75 +127,6 @@ class Run:
     def finish(self) -> None:
         if self.progress:
             self.progress("done", 1.0)
-
-
-def load_history(engine: sa.Engine, until: datetime | None = None,
-                 user_ids: Sequence[str] | None = None) -> pd.DataFrame:
-    """``user_activity`` rows with ``ts <= until`` in time order; ``ts`` as aware UTC.
-
-    ``user_ids`` limits the rows to those users (read in chunks of ``USER_CHUNK``).
-    """
-    if user_ids is None:
-        return _read_history(engine, until, None)
-    chunks = [_read_history(engine, until, list(user_ids[i:i + USER_CHUNK]))
-              for i in range(0, len(user_ids), USER_CHUNK)]
-    frame = pd.concat(chunks, ignore_index=True) if chunks else _read_history(engine, until, [])
-    return frame.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
-
-
-def _read_history(engine: sa.Engine, until: datetime | None,
-                  user_ids: list[str] | None) -> pd.DataFrame:
-    table = storage.user_activity
-    # Reading JSON and times as text and parsing them in bulk is several times faster than
-    # the per-row conversions of the column types.
-    columns = [table.c.event_id, table.c.user_id, table.c.event_type,
-               sa.type_coerce(table.c.ts, sa.String).label("ts"),
-               sa.type_coerce(table.c.numeric_values, sa.Text).label("numeric_values"),
-               sa.type_coerce(table.c.categorical_values, sa.Text).label("categorical_values")]
-    query = sa.select(*columns).order_by(table.c.ts, table.c.event_id)
-    if until is not None:
-        query = query.where(table.c.ts <= storage.to_db_time(until))
-    if user_ids is not None:
-        query = query.where(table.c.user_id.in_(user_ids))
-    with engine.connect() as conn:
-        result = conn.execute(query)
-        frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
-    text = len(frame) > 0 and isinstance(frame["ts"].iloc[0], str)
-    frame["ts"] = pd.to_datetime(frame["ts"], utc=True, format="ISO8601" if text else None)
-    for column in ("numeric_values", "categorical_values"):
-        frame[column] = [_json_dict(v) for v in frame[column]]
-    return frame
-
-
-def sample_users(engine: sa.Engine, max_users: int, seed: int) -> list[str] | None:
-    """A seeded sample of ``max_users`` stored users, or None when there are no more."""
-    table = storage.user_activity
-    with engine.connect() as conn:
-        users = conn.execute(sa.select(table.c.user_id).distinct()).scalars().all()
-    if len(users) <= max_users:
-        return None
-    chosen = np.random.default_rng(seed).choice(sorted(users), max_users, replace=False)
-    return sorted(chosen.tolist())
-
-
-def _json_dict(value: Any) -> dict:
-    if isinstance(value, dict):
-        return value
-    return {} if value in (None, "{}", "") else json.loads(value)
-
-
-def load_feedback(engine: sa.Engine, until: datetime | None = None) -> pd.DataFrame:
-    """Reported outcomes: ``user_id``, ``churned``, ``observed_at`` (aware UTC)."""
-    table = storage.feedback
-    query = sa.select(table.c.user_id, table.c.churned, table.c.observed_at)
-    if until is not None:
-        query = query.where(table.c.observed_at <= storage.to_db_time(until))
-    with engine.connect() as conn:
-        rows = conn.execute(query).all()
-    frame = pd.DataFrame(rows, columns=["user_id", "churned", "observed_at"])
-    frame["observed_at"] = pd.to_datetime(frame["observed_at"], utc=True)
-    frame["churned"] = frame["churned"].astype(bool)
-    return frame
 
 
 def train(
@@ -274,95 +214,14 @@ def build_examples(
                                 "horizon and inactivity gap after it)")
         log.info("training run %s: %s", run.version, describe(queries))
         queries["role"] = (split or split_roles)(queries, policy, holdout_share, seed)
-        queries = _cap(queries[queries["role"] != UNUSED], max_examples, seed)
-        _check_classes(queries, policy)
+        queries = cap(queries[queries["role"] != UNUSED], max_examples, seed)
+        check_classes(queries, policy)
     with run.stage("features"):
         space = FeatureSpace.learn(history)
         keep = queries["role"].to_numpy() == HOLDOUT
         X, S, snapshots = replay(history, queries, space, keep=keep)
     holdout = Holdout(queries["churned"].to_numpy()[keep], _renumber(snapshots, keep))
     return Examples(space, queries, X, S, holdout)
-
-
-def split_roles(queries: pd.DataFrame, policy: LabelPolicy, holdout_share: float,
-                seed: int) -> np.ndarray:
-    """Role of each example: fit, validation, holdout, or unused (its label overlaps the holdout).
-
-    Holdout: the examples of the latest ``holdout_share`` (by count) of held-out users,
-    who are every user seen only then and a random ``holdout_share`` of those seen both
-    before and then. Fit and validation: the other users' examples whose labels were
-    settled by the time the holdout starts; validation is a random share of those users.
-    """
-    if not 0 < holdout_share < 1:
-        raise ValueError("holdout_share must be between 0 and 1")
-    roles = np.full(len(queries), UNUSED)
-    if queries.empty:
-        return roles
-    cutoff = queries["cutoff"]
-    ordered = cutoff.sort_values(kind="stable")
-    start = ordered.iloc[min(len(ordered) - 1, int(np.floor((1 - holdout_share) * len(ordered))))]
-    late = (cutoff >= start).to_numpy()
-    early = (cutoff + policy.horizon <= start).to_numpy()
-    user = queries["user_id"].to_numpy()
-    seen_early, seen_late = set(user[early]), set(user[late])
-    rng = np.random.default_rng(seed)
-    spanning = sorted(seen_early & seen_late)
-    held = set(_some(rng, spanning, holdout_share)) | (seen_late - seen_early)
-    learning = sorted(seen_early - held)
-    validating = _some(rng, learning, VALIDATION_SHARE)
-    in_held = np.isin(user, list(held))
-    roles[in_held & late] = HOLDOUT
-    roles[~in_held & early] = FIT
-    roles[~in_held & early & np.isin(user, validating)] = VALIDATION
-    return roles
-
-
-def split_users(queries: pd.DataFrame, policy: LabelPolicy, holdout_share: float,
-                seed: int) -> np.ndarray:
-    """Roles by user alone: a random ``holdout_share`` of users is the holdout, a share of
-    the rest validates. For one snapshot of every user, where time cannot split."""
-    del policy  # every example is settled by construction in a snapshot
-    rng = np.random.default_rng(seed)
-    users = sorted(queries["user_id"].unique())
-    held = _some(rng, users, holdout_share)
-    validating = _some(rng, sorted(set(users) - set(held)), VALIDATION_SHARE)
-    user = queries["user_id"].to_numpy()
-    return np.select([np.isin(user, held), np.isin(user, validating)], [HOLDOUT, VALIDATION],
-                     FIT)
-
-
-def _some(rng: np.random.Generator, users: list[str], share: float) -> list[str]:
-    """A seeded ``share`` of ``users`` (at least one when there are any)."""
-    if not users:
-        return []
-    return list(rng.permutation(users)[:max(1, round(share * len(users)))])
-
-
-def _cap(queries: pd.DataFrame, max_examples: int, seed: int) -> pd.DataFrame:
-    """At most ``max_examples`` fit and a quarter of that validation examples, seeded samples;
-    the order by cutoff stays."""
-    rng = np.random.default_rng(seed)
-    dropped = []
-    for role, limit in ((FIT, max_examples), (VALIDATION, max(max_examples // 4, 1))):
-        rows = np.flatnonzero(queries["role"].to_numpy() == role)
-        if len(rows) > limit:
-            dropped.append(rng.choice(rows, len(rows) - limit, replace=False))
-    if dropped:
-        queries = queries.drop(queries.index[np.concatenate(dropped)])
-    return queries.reset_index(drop=True)
-
-
-def _check_classes(queries: pd.DataFrame, policy: LabelPolicy) -> None:
-    """Refuse to train on too few churners or non-churners in any part of the split."""
-    for role, name in ((FIT, "training"), (VALIDATION, "validation"), (HOLDOUT, "holdout")):
-        labels = queries.loc[queries["role"] == role, "churned"]
-        churned = int(labels.sum())
-        if min(churned, len(labels) - churned) < MIN_PER_CLASS:
-            raise NotEnoughData(
-                f"{name} examples have {churned} churned and {len(labels) - churned} not; "
-                f"each needs at least {MIN_PER_CLASS}. Labels are settled "
-                f"{policy.settle.days} days after a cutoff, so more history (or more "
-                f"reported outcomes) is needed")
 
 
 def _renumber(snapshots: list[Snapshot], keep: np.ndarray) -> list[Snapshot]:
