@@ -252,31 +252,29 @@ def test_health_reports_an_unreachable_broker(settings: Settings, engine: sa.Eng
 
 
 @pytest.mark.timeout(60)
-def test_health_stays_fast_while_batches_are_written(
-    settings: Settings, engine: sa.Engine
-) -> None:
+def test_health_answers_while_batches_are_written(settings: Settings, engine: sa.Engine) -> None:
+    # Were the writes on the event loop, no /health answer could complete before they end.
     app = create_app(settings, engine, publish=False)
     batches = [{"items": [outcome(f"w{b}-{i}") for i in range(MAX_BATCH_ITEMS)]}
                for b in range(4)]
 
-    async def scenario() -> tuple[list[float], float]:
+    async def scenario() -> tuple[int, float]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
             writes = [asyncio.create_task(api.post("/feedback/batch", json=b)) for b in batches]
-            latencies = []
+            answered_during_writes, slowest_s = 0, 0.0
             while not all(w.done() for w in writes):
                 started = time.perf_counter()
                 assert (await api.get("/health")).status_code == 200
-                latencies.append(time.perf_counter() - started)
-                await asyncio.sleep(0.01)
-            write_started = time.perf_counter()
-            await asyncio.gather(*writes)
-            return latencies, time.perf_counter() - write_started
+                slowest_s = max(slowest_s, time.perf_counter() - started)
+                answered_during_writes += not all(w.done() for w in writes)
+            assert all(r.status_code == 200 for r in await asyncio.gather(*writes))
+            return answered_during_writes, slowest_s
 
-    latencies, _ = asyncio.run(scenario())
+    answered, slowest_s = asyncio.run(scenario())
     assert count_rows(engine, storage.feedback) == 4 * MAX_BATCH_ITEMS
-    assert len(latencies) >= 3, "the batches finished before /health was asked"
-    assert max(latencies) < 0.5, f"/health took {max(latencies):.3f} s during writes"
+    assert answered >= 3, f"only {answered} /health answers while the batches were written"
+    assert slowest_s < 2.0, f"/health took {slowest_s:.3f} s during writes"
 
 
 def read_topic(bootstrap_servers: str, topic: str, expected: int, timeout_s: float = 30) -> list:
