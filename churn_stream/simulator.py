@@ -71,9 +71,13 @@ class Simulator:
         seed: int = 0,
         churn_share: float = 0.3,
         drift_at: datetime | None = None,
+        churn_window_days: float = 60.0,
     ) -> None:
         self.start = start.astimezone(UTC)
         self.end = self.start + timedelta(days=days)
+        # Churn dates spread over the first ``churn_window_days`` (or the whole run, if
+        # shorter), so that a backfill of a few weeks already holds churners to learn from.
+        self._churn_span = timedelta(days=min(days, churn_window_days))
         self.seed = seed
         self.drift_at = drift_at
         self._rng = np.random.default_rng(seed)
@@ -87,8 +91,7 @@ class Simulator:
         churn_odds = churn_share * (1.6 - engagement) * (1.2 if plan == "basic" else 0.8)
         churn_at = None
         if rng.random() < min(churn_odds, 0.95):
-            span_s = (self.end - self.start).total_seconds()
-            churn_at = self.start + timedelta(seconds=float(rng.uniform(0.15, 1.1)) * span_s)
+            churn_at = self.start + float(rng.uniform(0.15, 1.1)) * self._churn_span
         return SimUser(
             user_id=f"u{index:06d}",
             initial_plan=plan,

@@ -50,6 +50,7 @@ predictions = sa.Table(
     sa.Column("latency_ms", sa.Float, nullable=False),
     sa.Index("ix_predictions_user_scored", "user_id", "scored_at"),
     sa.Index("ix_predictions_scored", "scored_at"),
+    sa.Index("ix_predictions_user_event", "user_id", "event_ts"),
 )
 
 feedback = sa.Table(

@@ -88,7 +88,10 @@ class ApacheKafka:
                     log_dir=self.work_dir / "data",
                 )
             )
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            # A cluster id starting with "-" would be read by the tool as an option.
+            cluster_id = "-"
+            while cluster_id.startswith("-"):
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
                 self._java(
                     "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)
