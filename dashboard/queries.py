@@ -114,18 +114,16 @@ def activity_summary(conn: Connection, rate_window_min: float = 5.0) -> dict[str
     }
 
 
-def latest_scores(
-    conn: Connection, hours: float, max_users: int = 50_000, max_rows: int = MAX_ROWS
-) -> pd.DataFrame:
-    """Each user's latest prediction among the newest ``max_rows`` of the window, riskiest first.
+def latest_scores(conn: Connection, hours: float, max_rows: int = MAX_ROWS) -> pd.DataFrame:
+    """Each user's latest score among the newest ``max_rows`` of the window, riskiest first.
 
     "Latest" is the highest row id, the order in which predictions were written: cheaper
     than ranking by time, and the same for one predictor or several writing as they score.
+    Only ``id``, ``user_id`` and ``score`` come back; ``prediction_rows`` has the rest.
     """
-    columns = ["user_id", "scored_at", *SCORE_COLUMNS, "model_version", "latency_ms"]
     until = newest(conn, predictions.c.scored_at)
     if until is None:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=["id", "user_id", "score"])
     recent = (
         sa.select(predictions.c.id, predictions.c.user_id)
         .where(predictions.c.scored_at >= until - timedelta(hours=hours))
@@ -136,13 +134,23 @@ def latest_scores(
     latest_ids = (
         sa.select(sa.func.max(recent.c.id).label("id")).group_by(recent.c.user_id).subquery()
     )
-    query = (
-        sa.select(*(predictions.c[c] for c in columns))
-        .join(latest_ids, predictions.c.id == latest_ids.c.id)
-        .order_by(predictions.c.score.desc(), predictions.c.user_id)
-        .limit(max_users)
+    query = sa.select(predictions.c.id, predictions.c.user_id, predictions.c.score).join(
+        latest_ids, predictions.c.id == latest_ids.c.id
     )
-    return _frame(conn, query, times=("scored_at",))
+    scores = _frame(conn, query)
+    return scores.sort_values(["score", "user_id"], ascending=[False, True], ignore_index=True)
+
+
+def prediction_rows(conn: Connection, ids: tuple[int, ...]) -> pd.DataFrame:
+    """Whole ``predictions`` rows by id, in the order of ``ids``."""
+    columns = ["id", "user_id", "scored_at", *SCORE_COLUMNS, "model_version", "latency_ms"]
+    if not ids:
+        return pd.DataFrame(columns=columns)
+    query = sa.select(*(predictions.c[c] for c in columns)).where(
+        predictions.c.id.in_(list(ids))
+    )
+    rows = _frame(conn, query, times=("scored_at",)).set_index("id")
+    return rows.loc[list(ids)].reset_index()
 
 
 def promoted_model(conn: Connection) -> dict[str, Any] | None:

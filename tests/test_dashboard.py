@@ -87,6 +87,16 @@ def test_latest_scores_hold_one_row_per_user_riskiest_first(conn, seeded) -> Non
 
 
 @pytest.mark.timeout(60)
+def test_prediction_rows_come_back_in_the_order_asked(conn) -> None:
+    latest = queries.latest_scores(conn, hours=24)
+    ids = tuple(int(i) for i in latest["id"].head(5))[::-1]
+    rows = queries.prediction_rows(conn, ids)
+    assert tuple(rows["id"]) == ids
+    assert list(rows["score"]) == list(latest["score"].head(5))[::-1]
+    assert queries.prediction_rows(conn, ()).empty
+
+
+@pytest.mark.timeout(60)
 def test_activity_buckets_count_every_event_of_the_window(conn, seeded) -> None:
     _, summary = seeded
     activity = queries.activity_by_type(conn, hours=72)
