@@ -33,14 +33,16 @@ from churn_stream.predictor.metrics import (
 )
 
 log = logging.getLogger(__name__)
-CLOCK_FEATURES = ("tenure_days", ":days_since_last")
-"""Names (or name endings) of features that measure elapsed time: a population ages and a
-micro-batch's span moves them whatever the users do, so their drift is reported only."""
+CLOCK_FEATURES = ("tenure_days",)
+CLOCK_ENDINGS = (":days_since_last", ":count_all", ":sum_all")
+"""Features that move with elapsed time whatever the users do: ages, recencies (which also
+follow a micro-batch's span) and all-time totals, which grow as a population ages. Their
+drift is reported but never counts towards a retrain."""
 
 
 def is_clock(feature: str) -> bool:
-    """Whether ``feature`` measures elapsed time (see ``CLOCK_FEATURES``)."""
-    return feature in CLOCK_FEATURES or feature.endswith(CLOCK_FEATURES[1:])
+    """Whether ``feature`` moves with elapsed time (see ``CLOCK_ENDINGS``)."""
+    return feature in CLOCK_FEATURES or feature.endswith(CLOCK_ENDINGS)
 
 
 class DriftWatch:
