@@ -45,12 +45,30 @@ def _read_history(engine: sa.Engine, until: datetime | None,
         query = query.where(table.c.user_id.in_(user_ids))
     with engine.connect() as conn:
         result = conn.execute(query)
-        frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+        names = list(result.keys())
+        # Plain tuples from the driver's cursor: no result-row objects for millions of rows
+        # (every column is read as text or a plain value, so no type processing is skipped).
+        rows = result.cursor.fetchall() if result.cursor is not None else []
+    frame = pd.DataFrame(rows, columns=names)
     text = len(frame) > 0 and isinstance(frame["ts"].iloc[0], str)
     frame["ts"] = pd.to_datetime(frame["ts"], utc=True, format="ISO8601" if text else None)
     for column in ("numeric_values", "categorical_values"):
-        frame[column] = [_json_dict(v) for v in frame[column]]
+        frame[column] = _json_dicts(frame[column].to_numpy())
     return frame
+
+
+def _json_dicts(texts: np.ndarray) -> list[dict]:
+    """Parse a column of JSON objects: the many empty ones skipped, the rest in one call
+    (one array for the parser costs a fraction of a call per object)."""
+    filled = np.flatnonzero(texts != "{}")
+    try:
+        values = json.loads("[" + ",".join(texts[filled]) + "]")
+    except TypeError:  # not all text: a driver that returns parsed JSON, or NULLs
+        return [_json_dict(t) for t in texts]
+    parsed: list[dict] = [{} for _ in range(len(texts))]
+    for position, value in zip(filled, values, strict=True):
+        parsed[position] = value
+    return parsed
 
 
 def sample_users(engine: sa.Engine, max_users: int, seed: int) -> list[str] | None:
