@@ -31,8 +31,10 @@ EMPTY_DAY = -(2**30)
 COUNT_MAX = np.iinfo(np.uint8).max
 """Daily counts saturate here: one byte per type and day keeps a user under 1 KB."""
 OVERFLOW_CODE = -1
-TYPE_STATS = ("count_7d", "count_28d", "trend", "days_since_last")
-NUMERIC_STATS = ("sum_7d", "sum_28d", "mean_7d", "mean", "last")
+# All-time figures (count_all, sum_all) see a whole window that outlasts the ring, e.g.
+# the first days of a 30-day course: plain totals are what churn models lean on most.
+TYPE_STATS = ("count_7d", "count_28d", "trend", "days_since_last", "count_all")
+NUMERIC_STATS = ("sum_7d", "sum_28d", "mean_7d", "mean", "last", "sum_all")
 
 
 def seconds(moment: datetime) -> int:

@@ -87,7 +87,9 @@ class Reader:
         never = self._pick(np.ones((1, len(self.store._types)), bool), self.store._types,
                            self.space.event_types, axis=1)
         recency = np.where(never, self._days_since(last), RECENCY_CAP_DAYS)
-        blocks = np.stack([short, long, _trend(short, long), recency], axis=2)
+        totals = self._pick(self.state["type_total"][self.slots], self.store._types,
+                            self.space.event_types, axis=1) * self.known[:, None]
+        blocks = np.stack([short, long, _trend(short, long), recency, totals], axis=2)
         return list(blocks.reshape(len(self.slots), -1).T)
 
     def _numeric(self) -> list[np.ndarray]:
@@ -110,7 +112,8 @@ class Reader:
         mean = np.divide(lifetime[:, :, 0], lifetime[:, :, 1],
                          out=np.zeros_like(lifetime[:, :, 0]), where=lifetime[:, :, 1] > 0)
         blocks = np.stack([decayed[:, :, 0] * fade_short, decayed[:, :, 1] * fade_long,
-                           mean_short, mean, last.astype(np.float64)], axis=2)
+                           mean_short, mean, last.astype(np.float64), lifetime[:, :, 0]],
+                          axis=2)
         blocks = np.where(seen[:, :, None], blocks, 0.0)
         return list(blocks.reshape(len(rows), -1).T)
 

@@ -28,6 +28,7 @@ def allocate(capacity: int, types: int, pairs: int, keys: int) -> dict[str, np.n
         "last_s": np.empty(capacity, np.int32),
         "total": np.zeros(capacity, np.uint32),
         "type_last_s": np.empty((capacity, types), np.int32),
+        "type_total": np.zeros((capacity, types), np.uint32),
         "decayed": np.zeros((capacity, pairs, 3), np.float32),
         "pair_ref_s": np.empty((capacity, pairs), np.int32),
         "lifetime": np.zeros((capacity, pairs, 2), np.float32),

@@ -295,6 +295,7 @@ class FeatureStore:
         np.maximum.at(state["last_s"], slot, ts)
         np.maximum.at(state["type_last_s"], (slot, batch.channel), ts)
         np.add.at(state["total"], slot, 1)
+        np.add.at(state["type_total"], (slot, batch.channel), 1)
         st.add_to_ring(state, slot, batch.ts_s // DAY_S, batch.channel)
         if batch.num_event.size:
             st.add_numeric(state, slot[batch.num_event], batch.ts_s[batch.num_event],
