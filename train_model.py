@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -41,11 +42,20 @@ def main(
                                        "database: kdd2015 or telco (optionally NAME:PATH)."),
     limit_users: int | None = typer.Option(None, help="With --dataset: a seeded sample of "
                                            "this many users."),
+    folds: int = typer.Option(5, help="With --dataset: cross-validate over this many folds "
+                              "per split (KDD: by enrollment and by course; Telco: "
+                              "stratified), see churn_stream/quality.py; 0: one holdout run."),
+    data_root: str | None = typer.Option(None, help="With --dataset: the folder holding the "
+                                         "public datasets (default: ../shared/data)."),
 ) -> None:
     """Train in memory and print the quality table."""
     configure_logging("WARNING")
     version = datetime.now(UTC).strftime("cli-%Y%m%dT%H%M%S")
     policy = LabelPolicy(horizon_days=horizon_days, inactivity_days=inactivity_days or None)
+    if dataset and folds > 0:
+        _cross_validate(dataset, limit_users, folds, Path(data_root) if data_root else None,
+                        seed)
+        return
     try:
         if dataset:
             model = _train_on_dataset(dataset, limit_users, version, holdout_share, seed)
@@ -101,6 +111,23 @@ def _train_on_dataset(dataset: str, limit_users: int | None, version: str,
         return training.train_from_history(history, feedback, version, policy=policy,
                                            split=split, holdout_share=holdout_share, seed=seed,
                                            progress=progress)
+
+
+def _cross_validate(dataset: str, limit_users: int | None, folds: int,
+                    data_root: Path | None, seed: int) -> None:
+    from churn_stream import quality
+
+    name = dataset.partition(":")[0]
+    if name not in quality.PLANS:
+        raise typer.BadParameter(f"unknown dataset {name}; choose from "
+                                 f"{', '.join(quality.PLANS)}", param_hint="--dataset")
+    console.print(f"reading {dataset}" + (f" ({limit_users} users)" if limit_users else ""))
+    history, feedback = quality.load_dataset(dataset, data_root, limit_users, seed)
+    with console.status("features") as status:
+        report = quality.evaluate_dataset(name, history, feedback, n_folds=folds, seed=seed,
+                                          progress=status.update)
+    for table in quality.rich_tables(report):
+        console.print(table)
 
 
 @contextmanager

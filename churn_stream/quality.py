@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -213,3 +214,23 @@ def evaluate_dataset(name: str, history: pd.DataFrame, feedback: pd.DataFrame, *
         folds = split_folds(examples, split, plan, history, n_folds, seed)
         report.folds += evaluate_folds(examples, split, folds[:max_folds], seed, progress)
     return report
+
+
+def rich_tables(report: QualityReport) -> list[Any]:
+    """One ``rich`` table per split: mean (and spread) over folds per model and the blend."""
+    from rich.table import Table
+
+    summary = report.table()
+    tables = []
+    for split, rows in summary.groupby("split", sort=False):
+        table = Table(title=f"{report.dataset}: {split} held out, {int(rows['folds'].iloc[0])} "
+                      f"folds, {report.users} users, seed {report.seed}")
+        for column in ("model", "ROC-AUC", "PR-AUC", "Brier", "log loss", "blend weight"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in rows.itertuples():
+            weight = getattr(row, "weight", float("nan"))
+            table.add_row(row.model, *(f"{getattr(row, m):.4f} ±{getattr(row, m + '_sd'):.4f}"
+                                       for m in METRICS),
+                          "" if pd.isna(weight) else f"{weight:.2f}")
+        tables.append(table)
+    return tables
