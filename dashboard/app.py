@@ -333,8 +333,10 @@ def models_section(url: str) -> None:
         left, right = st.columns(2)
         _show_or_note(left, latencies, lambda: charts.latency_histogram(latencies),
                       "No prediction latencies yet.", "latency")
-        right.markdown("**Training runs**")
-        right.dataframe(runs_table(runs), hide_index=True, height=280, key="runs_table")
+        _show_or_note(right, latencies, lambda: charts.latency_over_time(latencies),
+                      "No prediction latencies yet.", "latency_over_time")
+        st.markdown("**Training runs**")
+        st.dataframe(runs_table(runs), hide_index=True, key="runs_table")
 
 
 def runs_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -15,6 +15,10 @@ HEIGHT_PX = 330
 MODEL_NAMES = {"score": "blend", "score_rf": "forest", "score_xgb": "xgboost",
                "score_seq": "LSTM-GRU"}
 RISK_COLOR = "#d62728"
+FEW_POINTS = 30
+"""Fewer points than this in a line chart get markers, so a single point still shows."""
+PSI_FLOOR = 1e-3
+"""Smallest PSI drawn on a log axis; a window identical to the reference scores 0."""
 
 
 def _layout(figure: go.Figure, title: str, height_px: int = HEIGHT_PX) -> go.Figure:
@@ -56,7 +60,8 @@ def risk_over_time(risk: pd.DataFrame) -> go.Figure:
             continue
         blend = column == "score"
         figure.add_trace(go.Scatter(
-            x=risk["bucket"], y=risk[column], name=name, mode="lines",
+            x=risk["bucket"], y=risk[column], name=name,
+            mode="lines" if len(risk) > FEW_POINTS else "lines+markers",
             line={"width": 3 if blend else 1.2, "dash": None if blend else "dot"},
         ))
     figure.update_yaxes(title="mean predicted risk", rangemode="tozero")
@@ -69,8 +74,13 @@ def psi_by_feature(
     """PSI over time of the ``top_n`` most drifted features, threshold and retrains marked."""
     worst = psi.groupby("feature")["score"].max().nlargest(top_n).index
     shown = psi[psi["feature"].isin(worst)].sort_values("evaluated_at")
-    figure = px.line(shown, x="evaluated_at", y="score", color="feature",
-                     labels={"evaluated_at": "", "score": "PSI"})
+    # A PSI far above its threshold (a feature the live window barely shares with the
+    # reference) would flatten every other line: switch to a log axis then.
+    log_axis = bool(shown["score"].max() > 10 * psi["threshold"].max())
+    if log_axis:
+        shown = shown.assign(score=shown["score"].clip(lower=PSI_FLOOR))
+    figure = px.line(shown, x="evaluated_at", y="score", color="feature", log_y=log_axis,
+                     labels={"evaluated_at": "", "score": "PSI (log axis)" if log_axis else "PSI"})
     for threshold in sorted(psi["threshold"].dropna().unique()):
         figure.add_hline(y=float(threshold), line_dash="dash", line_color=RISK_COLOR,
                          annotation_text=f"threshold {threshold:g}",
@@ -130,15 +140,39 @@ def live_metrics(live: pd.DataFrame) -> go.Figure:
 def latency_histogram(latencies: pd.DataFrame) -> go.Figure:
     """Distribution of per-prediction latency with its median and 95th/99th percentiles."""
     figure = px.histogram(latencies, x="latency_ms", nbins=60,
-                          labels={"latency_ms": "latency (ms)"})
+                          labels={"latency_ms": "event sent to score written (ms)"})
     figure.update_traces(marker_color="#72b7b2")
     marks = []
     for quantile, dash in ((0.5, "solid"), (0.95, "dash"), (0.99, "dot")):
         value = float(latencies["latency_ms"].quantile(quantile))
         figure.add_vline(x=value, line_dash=dash, line_color="#444")
-        marks.append(f"p{round(quantile * 100)} {value:.1f} ms")
+        marks.append(f"p{round(quantile * 100)} {duration_text(value)}")
     figure.update_yaxes(title="predictions")
     return _layout(figure, f"Prediction latency: {', '.join(marks)}")
+
+
+def latency_over_time(latencies: pd.DataFrame, buckets: int = 60) -> go.Figure:
+    """Median and 95th percentile of latency per time bucket: a backlog shows as a hump."""
+    span = latencies["scored_at"].max() - latencies["scored_at"].min()
+    width = max(span / buckets, pd.Timedelta(seconds=1))
+    grouped = latencies.set_index("scored_at")["latency_ms"].resample(width)
+    frame = pd.DataFrame({"p50": grouped.median(), "p95": grouped.quantile(0.95)}).dropna()
+    figure = go.Figure()
+    for column, dash in (("p50", None), ("p95", "dot")):
+        figure.add_trace(go.Scatter(x=frame.index, y=frame[column], name=column,
+                                    mode="lines" if len(frame) > FEW_POINTS else "lines+markers",
+                                    line={"dash": dash}))
+    figure.update_yaxes(title="latency (ms)", rangemode="tozero")
+    return _layout(figure, "Prediction latency over time (UTC)")
+
+
+def duration_text(ms: float) -> str:
+    """``4.2 ms`` below a second, ``12.5 s`` above.
+
+    >>> duration_text(4.21), duration_text(263775.0)
+    ('4.2 ms', '263.8 s')
+    """
+    return f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
 
 
 def user_timeline(events: pd.DataFrame) -> go.Figure:

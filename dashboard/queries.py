@@ -6,7 +6,7 @@ replay of old data then looks like a live stream, and an idle stack still shows 
 hours. Results come back as DataFrames with aware UTC times.
 """
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -20,11 +20,12 @@ from churn_stream.storage import (
     model_performance,
     model_runs,
     predictions,
+    to_db_time,
     user_activity,
 )
 
 DASHBOARD_TABLES = (user_activity, predictions, model_runs, drift_reports, model_performance)
-BUCKET_WIDTHS_S = (60, 300, 600, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86_400)
+BUCKET_WIDTHS_S = (10, 30, 60, 300, 600, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86_400)
 SCORE_COLUMNS = ("score", "score_rf", "score_xgb", "score_seq")
 MAX_ROWS = 200_000
 """Most rows one aggregate reads, whatever the window: the newest ones count."""
@@ -73,6 +74,20 @@ def bucket_width_s(hours: float, buckets: int = 120) -> int:
     return next((w for w in BUCKET_WIDTHS_S if w >= span_s), BUCKET_WIDTHS_S[-1])
 
 
+def time_window(conn: Connection, column: sa.Column, hours: float) -> tuple[datetime, int] | None:
+    """Start of the newest ``hours`` of ``column`` and a bucket width for the data in it.
+
+    The width follows the span the rows really cover, so that a stack started minutes ago
+    gets minute-wide buckets, not quarter hours. ``None`` for an empty table.
+    """
+    until = newest(conn, column)
+    if until is None:
+        return None
+    since = until - timedelta(hours=hours)
+    first = conn.execute(sa.select(sa.func.min(column)).where(column >= since)).scalar()
+    return since, bucket_width_s((until - first).total_seconds() / 3600)
+
+
 def _frame(conn: Connection, query: sa.Select, times: tuple[str, ...] = ()) -> pd.DataFrame:
     result = conn.execute(query)
     frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
@@ -93,24 +108,20 @@ def users_tracked(conn: Connection) -> int:
     ).scalar_one()
 
 
-def activity_summary(conn: Connection, rate_window_min: float = 5.0) -> dict[str, Any]:
-    """Events per minute over the newest minutes, and when the last of them was stored.
+def activity_summary(
+    conn: Connection, rate_window_min: float = 5.0, now: datetime | None = None
+) -> dict[str, Any]:
+    """Events stored per minute over the last ``rate_window_min`` minutes, and the last time.
 
-    The rate is measured in event time, which a live stream keeps close to the wall clock;
-    ``last_ingested_at`` tells whether the stream is still flowing.
+    Measured on ``ingested_at``, the wall clock, so that a backfill or a replay of old events
+    shows its real throughput and a stalled stream shows zero.
     """
-    until = newest(conn, user_activity.c.ts)
-    if until is None:
-        return {"events_per_min": 0.0, "newest_ts": None, "last_ingested_at": None}
-    since = until - timedelta(minutes=rate_window_min)
-    recent = sa.select(
-        sa.func.count().label("events"), sa.func.max(user_activity.c.ingested_at).label("last")
-    ).where(user_activity.c.ts > since)
-    events, last_ingested_at = conn.execute(recent).one()
+    now_db = to_db_time(now or datetime.now(UTC))
+    since = now_db - timedelta(minutes=rate_window_min)
+    stored = sa.select(sa.func.count()).where(user_activity.c.ingested_at >= since)
     return {
-        "events_per_min": events / rate_window_min,
-        "newest_ts": until,
-        "last_ingested_at": last_ingested_at,
+        "events_per_min": conn.execute(stored).scalar_one() / rate_window_min,
+        "last_ingested_at": newest(conn, user_activity.c.ingested_at),
     }
 
 
@@ -222,13 +233,13 @@ def activity_by_type(conn: Connection, hours: float, max_rows: int = MAX_ROWS) -
     Only the newest ``max_rows`` events count, so a busy stream costs a bounded scan; the
     chart then starts later than the window.
     """
-    until = newest(conn, user_activity.c.ts)
-    if until is None:
+    window = time_window(conn, user_activity.c.ts, hours)
+    if window is None:
         return pd.DataFrame(columns=["bucket", "event_type", "events"])
-    width_s = bucket_width_s(hours)
+    since, width_s = window
     recent = (
         sa.select(user_activity.c.ts, user_activity.c.event_type)
-        .where(user_activity.c.ts >= until - timedelta(hours=hours))
+        .where(user_activity.c.ts >= since)
         .order_by(user_activity.c.ts.desc())
         .limit(max_rows)
         .subquery()
@@ -248,13 +259,13 @@ def activity_by_type(conn: Connection, hours: float, max_rows: int = MAX_ROWS) -
 
 def risk_over_time(conn: Connection, hours: float, max_rows: int = MAX_ROWS) -> pd.DataFrame:
     """Mean blended and per-model score per bucket over the newest ``max_rows`` of the window."""
-    until = newest(conn, predictions.c.scored_at)
-    if until is None:
+    window = time_window(conn, predictions.c.scored_at, hours)
+    if window is None:
         return pd.DataFrame(columns=["bucket", "predictions", *SCORE_COLUMNS])
-    width_s = bucket_width_s(hours)
+    since, width_s = window
     recent = (
         sa.select(predictions.c.scored_at, *(predictions.c[c] for c in SCORE_COLUMNS))
-        .where(predictions.c.scored_at >= until - timedelta(hours=hours))
+        .where(predictions.c.scored_at >= since)
         .order_by(predictions.c.scored_at.desc())
         .limit(max_rows)
         .subquery()

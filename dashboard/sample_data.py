@@ -17,6 +17,7 @@ from churn_stream import storage
 from churn_stream.simulator import Simulator
 
 PSI_THRESHOLD = 0.2
+CATCH_UP = timedelta(hours=1)
 DRIFTING_FEATURES = ("session_end.duration_s.mean_7d", "purchase.amount.mean_30d")
 STEADY_FEATURES = ("login.count_7d", "page_view.count_7d", "support_ticket.count_30d")
 
@@ -27,8 +28,8 @@ class SampleSummary:
 
     users: int
     events: int
-    newest_event_ts: list[datetime]
-    """Event times (naive UTC) of the newest five minutes of activity, newest last."""
+    ingested_recently: int
+    """Events stored in the minute before ``now``; all others were stored an hour earlier."""
     predictions: int
     latest_scores: dict[str, float]
     served_version: str
@@ -47,7 +48,7 @@ def seed_sample_data(
     retrain_at = now - timedelta(hours=12)
     simulator = Simulator(n_users, start, days, seed=seed, churn_share=0.4, drift_at=shift_at)
     events = [e for e in simulator.events() if e.ts <= now]
-    activity = [storage.event_row(e, e.ts + timedelta(seconds=0.5)) for e in events]
+    activity = _activity_rows(events, now)
     active = {e.user_id for e in events}
     scores = _prediction_rows(simulator, active, now, retrain_at, rng)
     runs = _model_runs(start, retrain_at, now)
@@ -63,7 +64,7 @@ def seed_sample_data(
     return SampleSummary(
         users=len({e.user_id for e in events}),
         events=len(events),
-        newest_event_ts=_newest_minutes(events, minutes=5),
+        ingested_recently=sum(e.ts > now - CATCH_UP for e in events),
         predictions=len(scores),
         latest_scores=latest,
         served_version="v2",
@@ -72,9 +73,18 @@ def seed_sample_data(
     )
 
 
-def _newest_minutes(events: list, minutes: float) -> list[datetime]:
-    times = sorted(storage.to_db_time(e.ts) for e in events)
-    return [t for t in times if t > times[-1] - timedelta(minutes=minutes)] if times else []
+def _activity_rows(events: list, now: datetime) -> list[dict]:
+    """History stored by a backfill an hour ago; the last hour's events in the last minute,
+    as a consumer catching up after a restart would. The ingestion rate over any five
+    minutes ending within the next hour is then the same, which a test can rely on."""
+    rows = []
+    backfilled_at = now - CATCH_UP
+    recent = [e for e in events if e.ts > backfilled_at]
+    for index, event in enumerate(recent, start=1):
+        stored_at = now - timedelta(seconds=55 - 50 * index / len(recent))
+        rows.append(storage.event_row(event, stored_at))
+    rows.extend(storage.event_row(e, backfilled_at) for e in events if e.ts <= backfilled_at)
+    return rows
 
 
 def _prediction_rows(

@@ -131,7 +131,7 @@ def main(
     ] = "http://127.0.0.1:8000",
     width_px: int = 1400,
     height_px: int = 2200,
-    min_charts: Annotated[int, typer.Option(help="Wait until this many charts drew.")] = 9,
+    min_charts: Annotated[int, typer.Option(help="Wait until this many charts drew.")] = 10,
     full_page: Annotated[bool, typer.Option(help="Grow the window to the whole page.")] = True,
     users: Annotated[int, typer.Option(min=1, help="Simulated users when seeding.")] = 600,
 ) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -111,8 +111,11 @@ def test_activity_summary_rate_is_the_newest_five_minutes(conn, seeded) -> None:
     _, summary = seeded
     activity = queries.activity_summary(conn)
     assert queries.users_tracked(conn) == summary.users
-    assert activity["events_per_min"] == pytest.approx(len(summary.newest_event_ts) / 5)
-    assert activity["newest_ts"] == summary.newest_event_ts[-1]
+    assert activity["events_per_min"] == summary.ingested_recently / 5
+    # The newest event was stored 5 s before the seeding's ``now``.
+    assert activity["last_ingested_at"] == storage.to_db_time(NOW - timedelta(seconds=5))
+    assert queries.activity_summary(conn, now=NOW + timedelta(minutes=30)) == {
+        "events_per_min": 0.0, "last_ingested_at": activity["last_ingested_at"]}
 
 
 @pytest.mark.timeout(60)
@@ -200,10 +203,11 @@ class RecordingConnection:
 
 def test_windowed_queries_compile_for_sql_server() -> None:
     recorder = RecordingConnection()
-    queries.activity_by_type(recorder, hours=24)
-    queries.risk_over_time(recorder, hours=24)
-    queries.latest_scores(recorder, hours=24)
-    activity, risk, latest = recorder.sql[1], recorder.sql[3], recorder.sql[5]
+    last_sent = []
+    for query in (queries.activity_by_type, queries.risk_over_time, queries.latest_scores):
+        query(recorder, hours=24)
+        last_sent.append(recorder.sql[-1])
+    activity, risk, latest = last_sent
     assert "DATEDIFF_BIG(second, '19700101', anon_2.ts)" in activity
     assert "DATEDIFF_BIG(second, '19700101', anon_2.scored_at)" in risk
     for sql in (activity, risk, latest):
@@ -214,7 +218,8 @@ def test_windowed_queries_compile_for_sql_server() -> None:
 
 
 def test_bucket_width_is_round_and_bounded() -> None:
-    assert [queries.bucket_width_s(h) for h in (1, 24, 168, 10_000)] == [60, 900, 10_800, 86_400]
+    assert [queries.bucket_width_s(h) for h in (0.1, 1, 24, 168, 10_000)] == [
+        10, 30, 900, 10_800, 86_400]
 
 
 @pytest.mark.timeout(60)
@@ -259,10 +264,18 @@ def test_model_metrics_pairs_validation_with_live(conn) -> None:
                       "blend (validation)", "blend (live)"}
 
 
-def test_latency_title_gives_the_percentiles() -> None:
-    latencies = pd.DataFrame({"latency_ms": [float(v) for v in range(1, 101)]})
+def test_latency_figures_give_the_percentiles() -> None:
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    latencies = pd.DataFrame({
+        "latency_ms": [float(v) for v in range(1, 101)] + [5000.0],
+        "scored_at": [start + pd.Timedelta(seconds=i) for i in range(101)],
+    })
     figure = charts.latency_histogram(latencies)
-    assert figure.layout.title.text == "Prediction latency: p50 50.5 ms, p95 95.0 ms, p99 99.0 ms"
+    assert figure.layout.title.text == "Prediction latency: p50 51.0 ms, p95 96.0 ms, p99 100.0 ms"
+    over_time = charts.latency_over_time(latencies, buckets=4)
+    p50, p95 = over_time.data
+    assert list(p50.y) == [13.0, 38.0, 63.0, 88.0, 5000.0]
+    assert p95.y[-1] == 5000.0
 
 
 def test_top_features_put_the_largest_contribution_on_top() -> None:
@@ -294,7 +307,7 @@ def test_app_shows_the_seeded_headline_and_every_chart(monkeypatch, seeded) -> N
     high = high_risk(summary, 0.5)
     assert metrics_of(app) == {
         "Users tracked": f"{summary.users:,}",
-        "Events / min": f"{len(summary.newest_event_ts) / 5:,.0f}",
+        "Events / min": f"{summary.ingested_recently / 5:,.0f}",
         "Above risk threshold": f"{high / len(summary.latest_scores):.1%}",
         "High-risk users": f"{high:,}",
         "Model": "v2",
@@ -306,6 +319,7 @@ def test_app_shows_the_seeded_headline_and_every_chart(monkeypatch, seeded) -> N
         "Feature drift (PSI) and retrains (UTC)",
         "ROC-AUC per model version: validation and live",
         "Live ROC-AUC from reported outcomes (UTC)", app_latency_title(app),
+        "Prediction latency over time (UTC)",
     ]
     assert any("unavailable: the predictor at" in info.value for info in app.info)
     riskiest = max(summary.latest_scores, key=summary.latest_scores.get)
@@ -417,12 +431,12 @@ def test_headless_chromium_renders_the_charts(tmp_path: Path) -> None:
     png, dom = tmp_path / "dashboard.png", tmp_path / "dom.html"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "screenshot_dashboard.py"), "--out", str(png),
-         "--dom", str(dom), "--users", "150", "--min-charts", "9"],
+         "--dom", str(dom), "--users", "150", "--min-charts", "10"],
         cwd=ROOT, capture_output=True, text=True, timeout=200,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     page = dom.read_text()
-    assert page.count('class="js-plotly-plot"') >= 9
+    assert page.count('class="js-plotly-plot"') >= 10
     for label in ("Churn risk, live", "Users tracked", "Live ROC-AUC", "At-risk users"):
         assert label in page
     from PIL import Image
