@@ -121,8 +121,9 @@ def _reason(error: Exception) -> str:
 def waiting_for_tables(url: str, missing: list[str]) -> None:
     """The empty state: what to start, then a full rerun as soon as the tables exist."""
     load_missing_tables.clear()
-    if not queries.missing_tables(engine_for(url)):
-        st.rerun(scope="app")
+    with guarded("Database"):
+        if not queries.missing_tables(engine_for(url)):
+            st.rerun(scope="app")
     st.info(
         f"No churn-stream data in `{mask_url(url)}` yet (missing tables: "
         f"{', '.join(missing)}).\n\nStart the stack with `make run` (or `docker compose up "
@@ -168,7 +169,7 @@ def _activity_metrics(columns: list, users: int, activity: dict[str, Any], now: 
     idle = f"last event {charts.age_text(storage.from_db_time(last), now)} ago" if last else None
     columns[1].metric("Events / min", f"{activity['events_per_min']:,.0f}", delta=idle,
                       delta_color="off", delta_arrow="off",
-                      help="Events in the newest 5 minutes of event time, per minute.")
+                      help="Events stored in the last 5 minutes (wall clock), per minute.")
 
 
 def _risk_metrics(columns: list, scores: pd.DataFrame, threshold: float) -> None:
