@@ -78,7 +78,7 @@ class ApacheKafka:
             *args,
         ]
 
-    def start(self, timeout_s: float = 60.0) -> "ApacheKafka":
+    def start(self, timeout_s: float = 180.0) -> "ApacheKafka":
         config = self.work_dir / "server.properties"
         if not self._formatted:
             config.write_text(
