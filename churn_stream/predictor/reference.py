@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from churn_stream import training
+from churn_stream import storage, training
 from churn_stream.features import replay
+from churn_stream.history import load_history
 from churn_stream.models import ChurnModel
 
 REFERENCE_DAYS = 3.0
@@ -26,6 +27,8 @@ REFERENCE_BATCH_EVENTS = 1
 milliseconds, so each user is read right after their own event)."""
 REFERENCE_ROWS = 5000
 """Most reference rows kept (a seeded sample)."""
+REFERENCE_USERS = 2000
+"""Most users whose history is read for the reference (a seeded sample of the recent ones)."""
 
 
 def serving_queries(history: pd.DataFrame, days: float = REFERENCE_DAYS,
@@ -45,9 +48,28 @@ def serving_queries(history: pd.DataFrame, days: float = REFERENCE_DAYS,
     return queries.reset_index(drop=True)
 
 
-def serving_reference(history: pd.DataFrame, model: ChurnModel) -> tuple[np.ndarray, np.ndarray]:
+def recent_users(engine: sa.Engine, days: float, max_users: int, seed: int = 0) -> list[str]:
+    """A seeded sample of the users active in the last ``days`` of stored activity."""
+    table = storage.user_activity
+    with engine.connect() as conn:
+        latest = conn.execute(sa.select(sa.func.max(table.c.ts))).scalar_one_or_none()
+        if latest is None:
+            return []
+        since = latest - timedelta(days=days)
+        query = sa.select(table.c.user_id).where(table.c.ts >= since).distinct()
+        users = sorted(conn.execute(query).scalars().all())
+    if len(users) <= max_users:
+        return users
+    return sorted(np.random.default_rng(seed).choice(users, max_users, replace=False).tolist())
+
+
+def serving_reference(engine: sa.Engine, model: ChurnModel, days: float = REFERENCE_DAYS,
+                      max_users: int = REFERENCE_USERS) -> tuple[np.ndarray, np.ndarray]:
     """Feature rows and blended scores of the reference (see the module docstring)."""
-    queries = serving_queries(history)
+    history = load_history(engine, user_ids=recent_users(engine, days, max_users))
+    if history.empty:
+        return np.zeros((0, len(model.space.feature_names)), np.float32), np.zeros(0)
+    queries = serving_queries(history, days)
     X, S, _ = replay(history, queries, model.space)
     return X, model.score(X, S).blend
 
@@ -55,8 +77,6 @@ def serving_reference(history: pd.DataFrame, model: ChurnModel) -> tuple[np.ndar
 def train_with_reference(engine: sa.Engine, version: str, *,
                          failure_injection: training.FailureInjection = None) -> ChurnModel:
     """``training.train`` whose model carries the serving reference for drift."""
-    history, feedback = training.load_history(engine), training.load_feedback(engine)
-    model = training.train_from_history(history, feedback, version,
-                                        failure_injection=failure_injection)
-    rows, scores = serving_reference(history, model)
+    model = training.train(engine, version, failure_injection=failure_injection)
+    rows, scores = serving_reference(engine, model)
     return replace(model, reference=rows, reference_scores=scores)

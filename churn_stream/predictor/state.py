@@ -17,14 +17,12 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from churn_stream import storage
-from churn_stream.features import FeatureSpace, FeatureStore, in_time_order
+from churn_stream.features import FeatureSpace, FeatureStore
+from churn_stream.history import load_history
 from churn_stream.predictor.batching import Received
 from churn_stream.predictor.metrics import STATE_BYTES, TRACKED_USERS, USERS_REBUILT
 
 log = logging.getLogger(__name__)
-HISTORY_CHUNK = 500
-"""Users per history query: well inside every dialect's limit on bound parameters."""
 
 
 class UserState:
@@ -61,24 +59,12 @@ class UserState:
     def _history(self, user_ids: list[str],
                  before: dict[str, datetime] | None = None) -> pd.DataFrame:
         """The users' stored events (older than ``before[user]``, if given), in time order."""
-        table = storage.user_activity
-        columns = [table.c.user_id, table.c.event_type, table.c.ts, table.c.numeric_values,
-                   table.c.categorical_values]
-        rows = []
-        with self.engine.connect() as conn:
-            for start in range(0, len(user_ids), HISTORY_CHUNK):
-                chunk = user_ids[start:start + HISTORY_CHUNK]
-                query = sa.select(*columns).where(table.c.user_id.in_(chunk))
-                if before is not None:
-                    # A coarse bound in SQL (the latest cut of the chunk); exact ones below.
-                    latest_cut = max(before[u] for u in chunk)
-                    query = query.where(table.c.ts < storage.to_db_time(latest_cut))
-                rows.extend(conn.execute(query).all())
-        frame = pd.DataFrame(rows, columns=[c.name for c in columns])
-        if frame.empty or before is None:
-            return in_time_order(frame) if not frame.empty else frame
-        cut = frame["user_id"].map({u: storage.to_db_time(t) for u, t in before.items()})
-        return in_time_order(frame[frame["ts"] < cut])
+        until = max(before.values()) if before else None
+        frame = load_history(self.engine, until=until, user_ids=user_ids)
+        if before is None or frame.empty:
+            return frame
+        cut = pd.to_datetime(frame["user_id"].map(before), utc=True)
+        return frame[frame["ts"] < cut].reset_index(drop=True)
 
     def matrix(self, user_ids: Sequence[str], as_of: datetime,
                space: FeatureSpace) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +91,7 @@ class UserState:
             return None
         scratch = FeatureStore(space, capacity=1)
         scratch.update_frame(past)
-        last_ts = storage.from_db_time(past["ts"].iloc[-1].to_pydatetime())
+        last_ts = past["ts"].iloc[-1].to_pydatetime()
         return scratch.matrix([user_id], max(as_of, last_ts), space)
 
     def forget_partitions(self, partitions: Iterable[int]) -> int:
