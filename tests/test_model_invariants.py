@@ -13,7 +13,7 @@ from churn_stream.models import MODEL_NAMES, ChurnModel
 from tests.simulated import simulated_events, trained_model
 
 SCORED = (*MODEL_NAMES, "blend")
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ def sim_engine():
     engine.dispose()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_served_blend_reaches_the_threshold_on_seeded_simulator_data() -> None:
     model, _ = trained_model()
     assert model.metrics["blend"]["roc_auc"] >= THRESHOLD_ROC_AUC
@@ -42,7 +42,7 @@ def test_served_blend_reaches_the_threshold_on_seeded_simulator_data() -> None:
     assert model.reference_scores.shape == (len(model.reference),)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_a_model_fitted_on_shuffled_labels_cannot_pass_the_threshold(sim_engine) -> None:
     history, feedback = training.load_history(sim_engine), training.load_feedback(sim_engine)
     examples = training.build_examples(history, feedback, LabelPolicy(), 0.2, seed=0,
