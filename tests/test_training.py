@@ -56,6 +56,7 @@ def test_a_model_fitted_on_shuffled_labels_cannot_pass_the_threshold(sim_engine)
     assert broken.metrics["xgb"]["roc_auc"] < THRESHOLD_ROC_AUC
 
 
+@pytest.mark.timeout(600)
 def test_progress_goes_through_every_stage_in_order() -> None:
     _, reports = trained_model()
     stages = [stage for stage, _ in reports]
@@ -64,6 +65,7 @@ def test_progress_goes_through_every_stage_in_order() -> None:
     assert shares == sorted(shares) and shares[-1] == 1.0
 
 
+@pytest.mark.timeout(600)
 def test_compare_on_holdout_scores_the_serving_model_on_the_same_examples() -> None:
     model, _ = trained_model()
     candidate_auc, current_auc = training.compare_on_holdout(model, model)
