@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+STAMP  := $(VENV)/.installed-dev
+RUN_STAMP := $(VENV)/.installed
 JARS   := tests/kafka/target/jars
 
 .DEFAULT_GOAL := help
@@ -11,14 +12,20 @@ JARS   := tests/kafka/target/jars
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# The runtime install is large (TensorFlow, XGBoost, scikit-learn, Streamlit: about 1 GB)
+# and takes a few minutes the first time; pip shows its progress.
+$(RUN_STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP) requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-run: $(STAMP)  ## Create the virtualenv and start the whole stack (Ctrl-C stops it).
+run: $(RUN_STAMP)  ## Create the virtualenv and start the whole stack (Ctrl-C stops it).
 	$(BIN)/churn up $(ARGS)
 
 kafka-jars:  ## Resolve Apache Kafka's jars for the test broker (cached in ~/.m2).

@@ -43,7 +43,8 @@ class EmbeddedBroker:
 
         if port_open(self.host, self.port):
             raise BrokerUnavailable(
-                f"port {self.port} is taken; set EMBEDDED_BROKER_PORT or KAFKA_BOOTSTRAP_SERVERS"
+                f"port {self.port} is taken: is another `churn up` running? Stop it, or give "
+                "this one its own EMBEDDED_BROKER_PORT, service ports and SQLITE_PATH"
             )
         url = f"tcp://{self.bootstrap_servers}"
         command = [

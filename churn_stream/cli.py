@@ -20,6 +20,7 @@ import typer
 
 from churn_stream import storage
 from churn_stream.broker import EmbeddedBroker
+from churn_stream.errors import ChurnStreamError
 from churn_stream.kafka_io import ensure_topics
 from churn_stream.logs import configure_logging
 from churn_stream.settings import Settings, get_settings, mask_url
@@ -52,11 +53,24 @@ def python_service(name: str, script: str, *args: str) -> Service:
 def dashboard_service(settings: Settings) -> Service:
     """The Streamlit dashboard, headless on loopback at ``dashboard_port``."""
     app_path = ROOT / "dashboard" / "app.py"
-    return Service("dashboard", [
-        sys.executable, "-m", "streamlit", "run", str(app_path),
-        "--server.port", str(settings.dashboard_port), "--server.address", "127.0.0.1",
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
-    ])
+    return Service(
+        "dashboard",
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(app_path),
+            "--server.port",
+            str(settings.dashboard_port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+    )
 
 
 def plan_services(settings: Settings, producer_args: list[str]) -> list[Service]:
@@ -67,8 +81,13 @@ def plan_services(settings: Settings, producer_args: list[str]) -> list[Service]
         python_service("feedback-api", "feedback_api.py"),
         python_service("feedback-loop", "feedback_loop.py"),
         dashboard_service(settings),
-        python_service("producer", "producer.py", *producer_args, "--report-outcomes",
-                       f"--feedback-url=http://127.0.0.1:{settings.feedback_api_port}"),
+        python_service(
+            "producer",
+            "producer.py",
+            *producer_args,
+            "--report-outcomes",
+            f"--feedback-url=http://127.0.0.1:{settings.feedback_api_port}",
+        ),
     ]
 
 
@@ -103,6 +122,15 @@ def up(
             producer_args.append(f"--replay-config={replay_config}")
         if limit_users:
             producer_args.append(f"--limit-users={limit_users}")
+    try:
+        _up(settings, producer_args, duration)
+    except ChurnStreamError as exc:
+        # A known failure (a taken port, no broker) is one line, not a traceback.
+        log.error("%s", exc)
+        raise typer.Exit(1) from None
+
+
+def _up(settings: Settings, producer_args: list[str], duration: float | None) -> None:
     with ExitStack() as stack:
         env = dict(os.environ)
         if settings.uses_embedded_broker:
@@ -125,8 +153,10 @@ def _print_directions(settings: Settings, services: list[Service]) -> None:
     log.info("database:  %s", mask_url(settings.resolved_database_url()))
     log.info("consumer metrics   http://127.0.0.1:%d/metrics", settings.consumer_metrics_port)
     log.info("producer metrics   http://127.0.0.1:%d/metrics", settings.producer_metrics_port)
-    log.info("predictor          http://127.0.0.1:%d/model (/health /predict/{user_id} /metrics)",
-             settings.predictor_port)
+    log.info(
+        "predictor          http://127.0.0.1:%d/model (/health /predict/{user_id} /metrics)",
+        settings.predictor_port,
+    )
     log.info("dashboard          http://127.0.0.1:%d", settings.dashboard_port)
     log.info("services:  %s; Ctrl-C stops them all", ", ".join(s.name for s in services))
 
@@ -191,4 +221,5 @@ def _stop_all(services: list[Service]) -> None:
 
 
 def main() -> None:
+    """The ``churn`` console script."""
     app()
