@@ -19,7 +19,7 @@ KDD_COURSES = ("761", "769", "973")
 """The three smallest courses (2,503 enrollments); a seeded 600 of them are used."""
 KDD_USERS, TELCO_USERS, SEED = 600, 1500, 0
 MIN_AUC = 0.78
-"""Blend ROC-AUC every subset clears (measured 0.83 to 0.87); chance is 0.5."""
+"""Blend ROC-AUC the subsets must clear; chance is 0.5, the full-data figures ~0.87."""
 MAX_SHUFFLED_AUC = 0.65
 
 needs_kdd = pytest.mark.skipif(not KDD_DIR.is_dir(),
@@ -50,7 +50,7 @@ def _check_sane(report: quality.QualityReport) -> None:
 
 
 @needs_kdd
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # ~40 s of CPU; the margin is for a loaded box
 def test_kdd_blend_clears_the_threshold_on_both_splits(kdd_frames) -> None:
     history, feedback = kdd_frames
     report = quality.evaluate_dataset("kdd2015", history, feedback, n_folds=3, max_folds=1,
@@ -63,7 +63,7 @@ def test_kdd_blend_clears_the_threshold_on_both_splits(kdd_frames) -> None:
 
 
 @needs_telco
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 def test_telco_blend_clears_the_threshold(telco_frames) -> None:
     history, feedback = telco_frames
     report = quality.evaluate_dataset("telco", history, feedback, n_folds=3, max_folds=1,
@@ -76,7 +76,7 @@ def test_telco_blend_clears_the_threshold(telco_frames) -> None:
 
 
 @needs_telco
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 def test_shuffled_labels_fail_the_threshold(telco_frames) -> None:
     history, feedback = telco_frames
     examples = quality.dataset_examples(history, feedback, quality.PLANS["telco"].policy)
