@@ -22,7 +22,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, wait_exponential
 from churn_stream import storage
 from churn_stream.errors import InvalidEvent
 from churn_stream.events import Event, parse_event
-from churn_stream.kafka_io import commit_offsets
+from churn_stream.kafka_io import commit_offsets, poll_records
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ class ActivityIngestor:
         """Consume until ``stopping`` is set; the batch in hand is finished and committed."""
         last_lag_at = 0.0
         while not self.stopping.is_set():
-            polled = self.consumer.poll(timeout_ms=self.max_batch_wait_ms)
-            records = [r for batch in polled.values() for r in batch]
+            records = poll_records(self.consumer, self.max_batch_wait_ms)
             if records:
                 try:
                     self.process(records)

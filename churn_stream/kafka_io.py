@@ -2,11 +2,13 @@
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
@@ -104,6 +106,24 @@ def commit_offsets(consumer: KafkaConsumer, stopping: threading.Event) -> bool:
             raise
         log.warning("stopping with offsets not committed (%s)", type(exc).__name__)
     return False
+
+
+def poll_records(consumer: KafkaConsumer, timeout_ms: int, **options: Any) -> list[ConsumerRecord]:
+    """The records of one poll; none, after a pause of ``timeout_ms``, while the broker is away.
+
+    kafka-python's ``poll`` raises when it cannot find the group coordinator, as happens
+    while a broker restarts; the consume loops used to die of it (found by the fault tests),
+    so a retriable error is logged and the loop polls again.
+    """
+    try:
+        polled = consumer.poll(timeout_ms=timeout_ms, **options)
+    except KafkaError as exc:
+        if not exc.retriable:
+            raise
+        log.warning("poll failed (%s: %s); polling again", type(exc).__name__, exc)
+        time.sleep(timeout_ms / 1000)
+        return []
+    return [record for batch in polled.values() for record in batch]
 
 
 def _connect(client: Any, *args: Any, **options: Any) -> Any:

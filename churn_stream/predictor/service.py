@@ -28,6 +28,7 @@ from tenacity import Retrying, retry_if_exception, wait_exponential
 
 from churn_stream import storage
 from churn_stream.ingest import StopRequested, is_transient_db_error
+from churn_stream.kafka_io import commit_offsets, poll_records
 from churn_stream.models import ChurnModel, Scores
 from churn_stream.predictor.batching import Received, collect, parse_batch
 from churn_stream.predictor.drift_watch import DriftWatch
@@ -118,8 +119,8 @@ class Predictor:
                 last_lag_s = time.monotonic()
 
     def _poll(self, timeout_ms: int, max_records: int) -> list[ConsumerRecord]:
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        return [record for batch in polled.values() for record in batch]
+        # A broker restart makes poll raise; poll_records waits and polls again.
+        return poll_records(self.consumer, timeout_ms, max_records=max_records)
 
     def finish_in_hand(self) -> None:
         """Process the records in hand and commit their offsets."""
@@ -127,7 +128,7 @@ class Predictor:
         self.in_hand.clear()
         if records:
             self.process(records)
-            self.consumer.commit()
+            commit_offsets(self.consumer, self.stopping)
 
     def process(self, records: Sequence[ConsumerRecord]) -> int:
         """Score one micro-batch and write its predictions; returns how many were written."""
