@@ -2,6 +2,7 @@
 Prometheus (Debian's package) scraping a locally running predictor and consumer.
 """
 
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from tests.conftest import settings_env, wait_until
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "prometheus.yml"
 COMPOSE = ROOT / "docker-compose.yml"
+OWNS_PARTITIONS = re.compile(r"own partitions \[\d")
 # The Settings field that holds each compose service's /metrics port.
 METRICS_PORTS = {
     "consumer": "consumer_metrics_port",
@@ -202,6 +204,9 @@ def test_prometheus_reads_the_predictors_latency_histogram(
         health = f"http://127.0.0.1:{settings.predictor_port}/health"
         assert wait_until(lambda: status(health) == 200, 300, every_s=1), tail(logs["predictor"])
         assert wait_until(lambda: len(query(api, "up == 1")) == 3, 30), query(api, "up")
+        # Without partitions the predictor scores nothing; say so rather than time out later.
+        assert wait_until(lambda: OWNS_PARTITIONS.search(tail(logs["predictor"], 20_000)), 60), \
+            "the predictor owns no partitions:\n" + tail(logs["predictor"])
         send_events(settings, live)
         latency = 'model_prediction_latency_seconds_count{job="predictor",model="blend"}'
         assert wait_until(lambda: any(float(r["value"][1]) > 0 for r in query(api, latency)),
