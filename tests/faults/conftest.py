@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
 
 from churn_stream import storage
 from churn_stream.events import Event
@@ -172,11 +173,17 @@ def own_kafka() -> Iterator[ApacheKafka]:
     kafka.close()
 
 
+def running(kafka: ApacheKafka) -> ApacheKafka:
+    """``kafka``, started again if a scenario left it down."""
+    if kafka.process is None or kafka.process.poll() is not None:
+        kafka.start()
+    return kafka
+
+
 @pytest.fixture
 def own_topics(own_kafka: ApacheKafka, settings: Settings) -> Settings:
     """The test's settings pointed at ``own_kafka`` (started if a scenario left it down)."""
-    if own_kafka.process is None or own_kafka.process.poll() is not None:
-        own_kafka.start()
+    running(own_kafka)
     moved = settings.model_copy(update={"kafka_bootstrap_servers": own_kafka.bootstrap_servers})
     ensure_topics(moved)
     return moved
@@ -294,13 +301,23 @@ def wait_for_rows(engine: sa.Engine, expected: int, timeout_s: float) -> bool:
     return reached
 
 
-def committed_offsets(settings: Settings, group: str) -> dict[int, int]:
-    """The group's committed offsets on the activity topic, by partition."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    try:
-        offsets = admin.list_group_offsets(group).get(group, {})
-    finally:
-        admin.close()
+def committed_offsets(settings: Settings, group: str, timeout_s: float = 60.0) -> dict[int, int]:
+    """The group's committed offsets on the activity topic, by partition.
+
+    Right after a broker restart the group coordinator is still loading: asked again then.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+        try:
+            offsets = admin.list_group_offsets(group).get(group, {})
+            break
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+        finally:
+            admin.close()
     return {tp.partition: meta.offset for tp, meta in offsets.items()
             if tp.topic == settings.topic_activity and meta.offset >= 0}
 
@@ -324,3 +341,33 @@ def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float,
     finally:
         consumer.close()
     return records
+
+
+# --- The predictors' shared stack -------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def predictor_stack(own_kafka: ApacheKafka, broker, tmp_path_factory: pytest.TempPathFactory):
+    """Consumer and two trained predictors on ``own_kafka``, shared by the predictor scenarios."""
+    from tests.faults.predictor_stack import PredictorStack, seed_template
+
+    running(own_kafka)
+    folder = tmp_path_factory.mktemp("predictor-stack")
+    template, live = seed_template(folder)
+    tag = uuid4().hex[:8]
+    settings = Settings(
+        kafka_bootstrap_servers=own_kafka.bootstrap_servers,
+        topic_activity=f"user-activity-{tag}", topic_dead_letter=f"user-activity-{tag}.dlq",
+        topic_predictions=f"churn-predictions-{tag}", topic_feedback=f"churn-feedback-{tag}",
+        topic_control=f"model-control-{tag}", consumer_group=f"churn-consumer-{tag}",
+        predictor_group=f"churn-predictor-{tag}", consumer_metrics_port=0,
+        producer_metrics_port=0, feedback_loop_metrics_port=0,
+    )
+    stack = PredictorStack.create(settings, folder, template, live)
+    try:
+        stack.start_predictor("a")
+        stack.start_predictor("b")
+        stack.wait_serving("a", "b")
+        yield stack
+    finally:
+        stack.close()
+        print(f"\npredictor stack logs in {folder}")
