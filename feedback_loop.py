@@ -61,7 +61,7 @@ def policy_from(settings: Settings) -> RetrainPolicy:
 def serving_run(engine: sa.Engine) -> ServingRun | None:
     """The newest promoted ``model_runs`` row, or None while there is none."""
     runs = storage.model_runs
-    query = sa.select(runs).where(runs.c.promoted.is_(True)).order_by(runs.c.id.desc()).limit(1)
+    query = sa.select(runs).where(runs.c.promoted == sa.true()).order_by(runs.c.id.desc()).limit(1)
     with engine.connect() as conn:
         row = conn.execute(query).first()
     if row is None:
