@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
+from kafka import KafkaConsumer, TopicPartition
 from pydantic import SecretStr
 
 from churn_stream import storage
@@ -28,7 +29,7 @@ from churn_stream.kafka_io import ensure_topics
 from churn_stream.settings import Settings
 from tests.brokers import free_port
 from tests.conftest import wait_until
-from tests.faults.conftest import Sender, Service
+from tests.faults.conftest import Sender, Service, committed_offsets
 from tests.simulated import DAYS, START, simulated_database, simulated_events
 
 LIVE_DAYS = 2
@@ -190,6 +191,19 @@ def repeated(predictions: list[sa.Row], by_version: bool = True) -> int:
     keys = [(r.user_id, r.event_ts) + ((r.model_version,) if by_version else ())
             for r in predictions]
     return len(keys) - len(set(keys))
+
+
+def caught_up(stack: PredictorStack) -> bool:
+    """Whether the predictor group has committed everything on the activity topic."""
+    topic = stack.settings.topic_activity
+    reader = KafkaConsumer(bootstrap_servers=stack.settings.bootstrap_servers, group_id=None)
+    try:
+        ends = reader.end_offsets([TopicPartition(topic, p)
+                                   for p in range(stack.settings.topic_partitions)])
+    finally:
+        reader.close()
+    committed = committed_offsets(stack.settings, stack.settings.predictor_group)
+    return all(committed.get(tp.partition, 0) >= end for tp, end in ends.items())
 
 
 def wait_answered(stack: PredictorStack, events: list[Event], timeout_s: float) -> bool:

@@ -60,13 +60,14 @@ def test_predictor_killed_mid_batch_loses_nothing_and_the_other_reconnects(
     predictions = stack.predictions({e.user_id for e in events})
     figures = Figures.count("predictor killed", [str(e.event_id) for e in events],
                             stored_event_ids(stack.engine))
+    replayed = predicted_not_committed(at_kill, events, sender.acked, committed,
+                                       victim_partitions)
     report(figures, users=len({e.user_id for e in events}),
            users_unanswered=len(unanswered(events, predictions)),
-           predictions_at_kill=len(at_kill),
-           predicted_not_committed=predicted_not_committed(at_kill, events, sender.acked,
-                                                           committed, victim_partitions),
+           predictions_at_kill=len(at_kill), predicted_not_committed=replayed,
            repeated_same_version=repeated(predictions),
            repeated_same_event=repeated(predictions, by_version=False))
+    assert replayed > 0, "the kill should land between a batch's write and its commit"
     assert (figures.stored, figures.duplicated, figures.lost) == (EVENTS, 0, 0)
     assert unanswered(events, predictions) == {}
     survivor = stack.predictors[SURVIVOR]
