@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "httpx", "churn_stream.drift", "churn_stream.predictor.drift_watch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # SIGTERM unwinds like Ctrl-C, so that the broker and the child processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     sizes = Sizes(runs=args.runs)
     dataset = simulated(args.users, args.days)
     broker = start_broker()

@@ -75,8 +75,10 @@ def start_once(ctx: Context, number: int) -> tuple[float, float]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+    runs = storage.model_runs
     with engine.connect() as conn:
-        trained = conn.execute(sa.select(sa.func.max(storage.model_runs.c.seconds))).scalar()
+        trained = conn.execute(sa.select(runs.c.seconds).where(runs.c.promoted)
+                               .order_by(runs.c.id.desc()).limit(1)).scalar()
     engine.dispose()
     return elapsed, float(trained or float("nan"))
 

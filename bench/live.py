@@ -25,7 +25,7 @@ from churn_stream.predictor.serving import Serving
 from tests.brokers import free_port
 
 log = logging.getLogger(__name__)
-DRAIN_TIMEOUT_S = 300.0
+DRAIN_TIMEOUT_S = 900.0
 AFTER_RETRAIN_S = 5.0
 HTTP_USERS = 500
 """Distinct users asked for by ``/predict`` (a seeded sample of the tracked ones)."""

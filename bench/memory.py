@@ -28,14 +28,17 @@ BATCH_EVENTS = 200_000
 def run(ctx: Context) -> list[Figure]:
     """One figure per user count."""
     figures = []
+    events_per_user = ctx.sizes.memory_events_per_user
     for users in ctx.sizes.memory_users:
-        runs = [measure_in_child(ctx.dataset, users, ctx.sizes.memory_events_per_user)
-                for _ in range(ctx.sizes.runs)]
+        runs = [measure_in_child(ctx.dataset, users, events_per_user)
+                for _ in range(ctx.sizes.memory_runs)]
         traced = [r["traced_per_user"] for r in runs]
         figures.append(Figure(
             f"memory per tracked user at {users:,} users (state, sequence ring, index)",
             f"<= {TARGET_BYTES:,} B", "B", traced, lambda v: v <= TARGET_BYTES,
-            notes=[f"tracemalloc; FeatureStore.nbytes {fmt(runs[0]['store_per_user'])} B; "
+            notes=[f"tracemalloc, {len(runs)} run (the size follows from users and vocabulary "
+                   f"alone); {events_per_user} events a user; FeatureStore.nbytes "
+                   f"{fmt(runs[0]['store_per_user'])} B; "
                    f"RSS growth {fmt(runs[0]['rss_per_user'])} B; store capacity "
                    f"{runs[0]['capacity']:,} slots for {users:,} users; "
                    f"{runs[0]['channels']} event types, {runs[0]['pairs']} numeric pairs, "
