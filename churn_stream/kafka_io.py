@@ -65,6 +65,10 @@ def make_consumer(
         # A record that waits out a database outage inside one poll must not cost us the
         # group membership; 10 minutes covers the outages we retry through.
         "max_poll_interval_ms": 600_000,
+        # A group that formed before its leader saw the topic's partitions assigns nothing
+        # ("No partition metadata") until the leader's metadata changes; kafka-python's
+        # default refresh is five minutes, so members sat idle that long.
+        "metadata_max_age_ms": 5_000,
     }
     options.update(overrides)
     return _connect(KafkaConsumer, *topics, **options)

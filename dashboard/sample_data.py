@@ -30,6 +30,8 @@ class SampleSummary:
     events: int
     ingested_recently: int
     """Events stored in the minute before ``now``; all others were stored an hour earlier."""
+    now: datetime
+    """The moment the seeded rows end at."""
     predictions: int
     latest_scores: dict[str, float]
     served_version: str
@@ -70,13 +72,14 @@ def seed_sample_data(
         served_version="v2",
         live_roc_auc=performance[-1]["roc_auc"],
         retrain_times=[storage.to_db_time(retrain_at)],
+        now=now,
     )
 
 
 def _activity_rows(events: list, now: datetime) -> list[dict]:
     """History stored by a backfill an hour ago; the last hour's events in the last minute,
-    as a consumer catching up after a restart would. The ingestion rate over any five
-    minutes ending within the next hour is then the same, which a test can rely on."""
+    as a consumer catching up after a restart would. The ingestion rate over the five minutes
+    ending at ``now``, or up to four minutes after it, is then the same."""
     rows = []
     backfilled_at = now - CATCH_UP
     recent = [e for e in events if e.ts > backfilled_at]

@@ -31,19 +31,24 @@ from tests.brokers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "dashboard" / "app.py")
-NOW = datetime.now(UTC).replace(microsecond=0)
 TOP_FEATURES = [{"feature": "login.count_7d", "contribution": -0.21},
                 {"feature": "support_ticket.count_30d", "contribution": 0.34}]
 
 
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, SampleSummary]:
-    """A database with rows in every table the dashboard reads, ending now."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'seeded.db'}"
+def seed(directory: Path) -> tuple[str, SampleSummary]:
+    """A database in ``directory`` with rows in every table the dashboard reads, ending now."""
+    url = f"sqlite:///{directory / 'seeded.db'}"
     engine = storage.make_engine(url)
-    summary = seed_sample_data(engine, NOW, n_users=120, seed=11)
+    summary = seed_sample_data(engine, datetime.now(UTC).replace(microsecond=0),
+                               n_users=120, seed=11)
     engine.dispose()
     return url, summary
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, SampleSummary]:
+    """One seeding shared by the module; its ``now`` recedes as the module runs."""
+    return seed(tmp_path_factory.mktemp("dash"))
 
 
 @pytest.fixture
@@ -112,12 +117,12 @@ def test_activity_buckets_count_every_event_of_the_window(conn, seeded) -> None:
 @pytest.mark.timeout(60)
 def test_activity_summary_rate_is_the_newest_five_minutes(conn, seeded) -> None:
     _, summary = seeded
-    activity = queries.activity_summary(conn)
+    activity = queries.activity_summary(conn, now=summary.now)
     assert queries.users_tracked(conn) == summary.users
     assert activity["events_per_min"] == summary.ingested_recently / 5
     # The newest event was stored 5 s before the seeding's ``now``.
-    assert activity["last_ingested_at"] == storage.to_db_time(NOW - timedelta(seconds=5))
-    assert queries.activity_summary(conn, now=NOW + timedelta(minutes=30)) == {
+    assert activity["last_ingested_at"] == storage.to_db_time(summary.now - timedelta(seconds=5))
+    assert queries.activity_summary(conn, now=summary.now + timedelta(minutes=30)) == {
         "events_per_min": 0.0, "last_ingested_at": activity["last_ingested_at"]}
 
 
@@ -303,8 +308,9 @@ def test_unreachable_predictor_is_a_reason_not_an_error() -> None:
 # --- the app through AppTest ---------------------------------------------------------------------
 
 @pytest.mark.timeout(300)
-def test_app_shows_the_seeded_headline_and_every_chart(monkeypatch, seeded) -> None:
-    url, summary = seeded
+def test_app_shows_the_seeded_headline_and_every_chart(monkeypatch, tmp_path: Path) -> None:
+    # Seeded just before the run: events per minute counts the last five minutes of wall clock.
+    url, summary = seed(tmp_path)
     app = run_app(monkeypatch, url)
     assert not app.exception
     high = high_risk(summary, 0.5)

@@ -46,7 +46,9 @@ def test_two_predictors_share_the_users_and_the_new_owner_rebuilds_state(
 ) -> None:
     stack: PredictorStack = predictor_stack
     stack.ensure("a", "b")
-    assert wait_until(lambda: split(stack) is not None, REBALANCE_S)
+    assert wait_until(lambda: split(stack) is not None, REBALANCE_S), "\n".join(
+        f"{name} owns {owned_partitions(stack.predictors[name].output())}:\n"
+        f"{stack.predictors[name].tail()}" for name in ("a", "b"))
     own_a, own_b = split(stack)
     version = {n: stack.get(n, "/health").json()["model_version"] for n in ("a", "b")}
     assert version["a"] != version["b"]
