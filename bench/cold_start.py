@@ -6,7 +6,6 @@ database in memory (the whole history, all three models), joining the group, one
 """
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -16,8 +15,8 @@ import sqlalchemy as sa
 
 from bench.common import Context, Figure, fmt, median, prefill, profiled, stream_values
 from churn_stream import storage
-from churn_stream.settings import Settings
 from tests.brokers import free_port
+from tests.conftest import settings_env
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +63,7 @@ def start_once(ctx: Context, number: int) -> tuple[float, float]:
     with log_path.open("wb") as output:
         started = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-u", str(ROOT / "predictor.py")],
-                                   cwd=ROOT, env=service_env(settings), stdout=output,
+                                   cwd=ROOT, env=settings_env(settings), stdout=output,
                                    stderr=subprocess.STDOUT)
         try:
             elapsed = _first_prediction(engine, process, started, log_path)
@@ -94,15 +93,3 @@ def _first_prediction(engine: sa.Engine, process: subprocess.Popen, started: flo
             raise RuntimeError(f"predictor.py exited with {process.returncode}; see {log_path}")
         time.sleep(0.05)
     raise TimeoutError(f"no prediction within {TIMEOUT_S:.0f} s; see {log_path}")
-
-
-def service_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a service process these settings."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[name.upper()] = str(value)
-    return env

@@ -180,6 +180,17 @@ class Settings(BaseSettings):
             return mssql.url()
         return f"sqlite:///{self.sqlite_path}"
 
+    def environment(self) -> dict[str, str]:
+        """These settings as the environment variables that give a child process them."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            env[name.upper()] = str(value)
+        return env
+
     def describe(self) -> dict[str, object]:
         """The effective settings with secrets masked, for the start-up log line."""
         shown = self.model_dump(exclude={"database_url", "churn_api_key"})

@@ -67,15 +67,8 @@ def engine(settings: Settings) -> Iterator[sa.Engine]:
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment that gives a service process these settings."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[name.upper()] = str(value)
-    env.update(extra)
-    return env
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return env | settings.environment() | extra
 
 
 def start_service(script: str, settings: Settings, *args: str, **env: str) -> subprocess.Popen:
