@@ -242,21 +242,6 @@ def prefill(bootstrap_servers: str, topic: str, records: Sequence[tuple[bytes, b
     producer.close()
 
 
-def know_topic(consumer: KafkaConsumer, topic: str, timeout_s: float = 30.0) -> None:
-    """Wait until ``consumer`` has metadata for ``topic``.
-
-    A group leader without it assigns nothing and waits for the next metadata refresh
-    (minutes): seen here when a consumer subscribed right after the topic was created.
-    """
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not consumer.partitions_for_topic(topic):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no metadata for topic {topic} within {timeout_s:.0f} s")
-        time.sleep(0.1)
-
-
 def read_topic(bootstrap_servers: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
     """Every record of ``topic`` up to its current end."""
     import time

@@ -11,7 +11,7 @@ import threading
 
 import sqlalchemy as sa
 
-from bench.common import Context, Figure, fmt, know_topic, prefill, profiled, stream_values
+from bench.common import Context, Figure, fmt, prefill, profiled, stream_values
 from bench.service import CountingConsumer
 from churn_stream import storage
 from churn_stream.ingest import ActivityIngestor
@@ -55,7 +55,6 @@ def ingest_run(ctx: Context, topic: str, count: int, number: int) -> float:
     consumer = CountingConsumer(
         make_consumer(settings.bootstrap_servers, settings.consumer_group, topic,
                       max_poll_records=settings.batch_max_records), stopping, expected=count)
-    know_topic(consumer, topic)
     producer = make_producer(settings.bootstrap_servers)
     ingestor = ActivityIngestor(consumer, producer, engine, settings.topic_dead_letter,
                                 settings.max_event_ahead_s, settings.batch_max_wait_ms)

@@ -16,9 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from kafka import KafkaConsumer
 
-from bench.common import know_topic
 from churn_stream.features import FeatureStore
-from churn_stream.kafka_io import make_consumer, make_producer
+from churn_stream.kafka_io import make_consumer, make_producer, subscribe_when_known
 from churn_stream.predictor import main as predictor_main
 from churn_stream.predictor.retrain import ModelHolder, Retrainer
 from churn_stream.predictor.service import Predictor
@@ -115,6 +114,5 @@ def predictor(settings: Settings, model: Any, store: FeatureStore | None = None,
     running = RunningPredictor(predictor, consumer, state, holder, retrainer, engine, stopping)
     if not drift_retrains:
         drift.request_retrain = running.drift_requests.append
-    know_topic(consumer._consumer, settings.topic_activity)
-    consumer.subscribe([settings.topic_activity], listener=predictor.listener())
+    subscribe_when_known(consumer._consumer, [settings.topic_activity], predictor.listener())
     return running

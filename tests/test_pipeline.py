@@ -177,16 +177,28 @@ def test_a_consumer_killed_mid_stream_and_restarted_stores_exactly_the_produced_
     topics, engine
 ) -> None:
     events = simulated(n_users=150, days=2, seed=4)
-    send(topics, [e.to_bytes() for e in events], [e.key() for e in events])
+    head, tail = events[: len(events) * 3 // 4], events[len(events) * 3 // 4 :]
+    killed = threading.Event()
+
+    def stream() -> None:
+        # The last quarter goes out only after the kill, so the kill always lands while
+        # events are still arriving, however fast the first consumer drains the rest.
+        send(topics, [e.to_bytes() for e in head], [e.key() for e in head])
+        killed.wait(timeout=120)
+        send(topics, [e.to_bytes() for e in tail], [e.key() for e in tail])
+
+    sender = threading.Thread(target=stream, daemon=True)
     first = start_service("consumer.py", topics, BATCH_MAX_RECORDS="200")
+    sender.start()
     try:
         assert wait_until(lambda: count_rows(engine, storage.user_activity) > 400, 90)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
-        partial = count_rows(engine, storage.user_activity)
-        assert partial < len(events), "the kill should land mid-stream"
+        assert count_rows(engine, storage.user_activity) <= len(head)
     finally:
+        killed.set()
         first.kill()
+    sender.join(timeout=60)
     second = start_service("consumer.py", topics)
     try:
         assert wait_until(lambda: count_rows(engine, storage.user_activity) >= len(events), 120)

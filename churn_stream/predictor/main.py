@@ -13,7 +13,7 @@ from kafka import KafkaConsumer
 from churn_stream import storage, training
 from churn_stream.drift import DriftPolicy, DriftWindow, Thresholds
 from churn_stream.features import FeatureStore
-from churn_stream.kafka_io import ensure_topics, make_consumer, make_producer
+from churn_stream.kafka_io import ensure_topics, make_consumer, make_producer, subscribe_when_known
 from churn_stream.predictor.commands import ControlListener
 from churn_stream.predictor.drift_watch import DriftWatch
 from churn_stream.predictor.http import HttpServer, create_app
@@ -98,7 +98,7 @@ def consume(settings: Settings, engine: sa.Engine, state: UserState, holder: Mod
         max_event_ahead_s=settings.max_event_ahead_s, stopping=stopping,
     )
     predictor.control_poll = control.poll
-    consumer.subscribe([settings.topic_activity], listener=predictor.listener())
+    subscribe_when_known(consumer, [settings.topic_activity], predictor.listener())
     log.info("predictor %s started: %s -> predictions, %s; model %s", instance,
              settings.topic_activity, settings.topic_predictions, holder.current.version)
     started = time.monotonic()
