@@ -71,6 +71,10 @@ def make_consumer(
         # A record that waits out a database outage inside one poll must not cost us the
         # group membership; 10 minutes covers the outages we retry through.
         "max_poll_interval_ms": 600_000,
+        # A member that died holds its partitions until its session expires: 15 s instead of
+        # kafka-python's 45 s. Heartbeats come from the client's own I/O thread every 3 s,
+        # so a long batch or a retrain in the background does not end the session.
+        "session_timeout_ms": 15_000,
         # Topic metadata older than this is fetched again, so partitions added to a topic
         # reach the group's leader within seconds instead of kafka-python's five minutes.
         "metadata_max_age_ms": 5_000,
@@ -85,14 +89,17 @@ def make_consumer(
 def subscribe_when_known(consumer: KafkaConsumer, topics: list[str],
                          listener: ConsumerRebalanceListener | None = None,
                          timeout_s: float = 60.0) -> None:
-    """Subscribe once the consumer's metadata holds every topic's partitions.
+    """Subscribe, and return once the consumer's metadata holds every topic's partitions.
 
-    A group whose leader joins before its metadata holds the topic assigns nothing ("No
-    partition metadata for topic"), and kafka-python 3.0.12 does not always rejoin when the
-    metadata arrives: on a loaded machine a third of fresh one-member groups still had no
-    partitions 20 s later (5 of 15 measured here; 0 of 15 once the metadata was fetched
-    first), and a predictor sat idle through a whole test that way.
+    The first poll joins the group. A leader that joins before its metadata holds the topic
+    assigns nothing ("No partition metadata for topic"), and kafka-python 3.0.12 does not
+    always rejoin when the metadata arrives: on a loaded machine a third of fresh one-member
+    groups still had no partitions 20 s later (5 of 15 measured here, 0 of 15 once the
+    metadata was in first), and a predictor sat idle through a whole test that way.
+    Subscribing before the wait also spares the group a second rebalance half a second
+    after the first, when the metadata the coordinator last saw catches up.
     """
+    consumer.subscribe(topics, listener=listener)
 
     @retry(retry=retry_if_result(lambda partitions: not partitions),
            wait=wait_exponential(multiplier=0.1, max=2), stop=stop_after_delay(timeout_s),
@@ -102,9 +109,9 @@ def subscribe_when_known(consumer: KafkaConsumer, topics: list[str],
 
     for topic in topics:
         if not partitions_of(topic):
+            consumer.unsubscribe()
             raise BrokerUnavailable(f"topic {topic} has no partitions on the broker after "
                                     f"{timeout_s:.0f} s: create it first (`churn up` does)")
-    consumer.subscribe(topics, listener=listener)
 
 
 # The group moved on without this member (its partitions went to another, or will): the

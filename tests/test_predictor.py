@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -16,7 +17,7 @@ from churn_stream import storage
 from churn_stream.control import RetrainCommand, publish_command
 from churn_stream.events import Event
 from churn_stream.features import FeatureSpace, FeatureStore
-from churn_stream.kafka_io import make_producer
+from churn_stream.kafka_io import make_consumer, make_producer
 from churn_stream.predictor import runs
 from churn_stream.predictor.batching import Received, collect, parse_batch
 from churn_stream.predictor.state import UserState
@@ -154,6 +155,13 @@ def send_events(settings: Settings, events: list[Event], extra: list[bytes] = ()
     producer.close()
 
 
+def send_paced(settings: Settings, events: list[Event], chunk: int, pause_s: float) -> None:
+    """``events`` in chunks of ``chunk`` with ``pause_s`` between them."""
+    for start in range(0, len(events), chunk):
+        send_events(settings, events[start:start + chunk])
+        time.sleep(pause_s)
+
+
 def model_runs(engine: sa.Engine) -> list[dict]:
     with engine.connect() as conn:
         query = sa.select(storage.model_runs).order_by(storage.model_runs.c.id)
@@ -169,6 +177,19 @@ def predicted_users(engine: sa.Engine) -> dict[str, set[str]]:
     for user_id, version in rows:
         users.setdefault(user_id, set()).add(version)
     return users
+
+
+def unanswered(engine: sa.Engine, events: list[Event]) -> set[str]:
+    """Users whose latest event among ``events`` no prediction answers yet."""
+    latest: dict[str, datetime] = {}
+    for event in events:
+        latest[event.user_id] = max(latest.get(event.user_id, event.ts), event.ts)
+    table = storage.predictions
+    with engine.connect() as conn:
+        answered = dict(conn.execute(sa.select(table.c.user_id, sa.func.max(table.c.event_ts))
+                                     .group_by(table.c.user_id)).all())
+    return {user for user, ts in latest.items()
+            if user not in answered or answered[user] < storage.to_db_time(ts)}
 
 
 @pytest.fixture
@@ -241,9 +262,23 @@ def test_predictor_scores_every_user_and_a_failing_retrain_leaves_the_model_serv
         assert (failed["reason"], failed["promoted"]) == ("feedback", False)
         assert "injected training failure" in failed["error"]
 
-        send_events(settings, live[half:])
-        everyone = {e.user_id for e in live}
-        assert wait_until(lambda: everyone <= set(predicted_users(engine)), 60)
+        # A second member joins and leaves while the rest streams in: the predictor gives
+        # up partitions mid-stream and takes them back, the intruder reads records without
+        # committing them, and every user must still be answered.
+        rest = live[half:]
+        sender = threading.Thread(target=send_paced, args=(settings, rest, 100, 0.15))
+        sender.start()
+        intruder = make_consumer(settings.bootstrap_servers, settings.predictor_group,
+                                 settings.topic_activity)
+        try:
+            assert wait_until(lambda: intruder.poll(timeout_ms=100) is not None
+                              and bool(intruder.assignment()), 60)
+            intruder.poll(timeout_ms=1000)
+        finally:
+            intruder.close(autocommit=False)
+        sender.join(timeout=60)
+        assert wait_until(lambda: unanswered(engine, rest) == set(), 90), unanswered(engine, rest)
+        assert process.poll() is None, "the predictor died in the rebalance"
         assert all(v == {version} for v in predicted_users(engine).values())
         assert httpx.get(f"{api}/health").json()["model_version"] == version
     finally:

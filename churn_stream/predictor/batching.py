@@ -48,7 +48,7 @@ def collect(poll: Poll, sink: list[ConsumerRecord], max_records: int, max_wait_m
 
     With nothing to read it returns after ``max_wait_ms`` with ``sink`` empty, so the
     caller's loop keeps turning (stop flag, control commands, drift windows). ``sink`` is the
-    caller's list so that a rebalance inside a poll can finish what is in hand.
+    caller's list so that a rebalance inside a poll can hand back what is in hand.
     """
     sink.extend(poll(max_wait_ms, max_records))
     deadline_s = clock() + max_wait_ms / 1000

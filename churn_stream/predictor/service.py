@@ -188,12 +188,18 @@ class Predictor:
         self.producer.flush()
 
     def on_revoked(self, revoked: set[int]) -> None:
-        """Finish and commit the batch in hand while these partitions are still ours."""
+        """Hand back the records in hand: their offsets are not committed, so whoever owns
+        their partitions next (this predictor too) reads them again from the last commit.
+
+        Finishing them here is not possible: kafka-python 3.0 calls the listener on its own
+        I/O thread, where a blocking commit raises, and the predictor died of it (seen in the
+        test suite when a rebalance came in the middle of a poll).
+        """
         self.revoked = revoked
         if self.in_hand:
-            log.info("rebalance: finishing %d records in hand before giving up partitions %s",
+            log.info("rebalance: %d records in hand go back uncommitted with partitions %s",
                      len(self.in_hand), sorted(revoked))
-            self.finish_in_hand()
+            self.in_hand.clear()
 
     def on_assigned(self, assigned: set[int]) -> None:
         """Forget the users of partitions that went elsewhere; new ones rebuild on first sight."""

@@ -65,7 +65,7 @@ def test_consumer_killed_between_its_write_and_its_commit_loses_and_doubles_noth
     replayed = written_not_committed(stored_at_kill, sender.acked,
                                      committed_offsets(settings, settings.consumer_group))
 
-    # The new member waits for the killed one's session (45 s from the broker's restart) to
+    # The new member waits for the killed one's session (15 s from the broker's restart) to
     # expire before it is given the partitions: allow for it.
     second = services("consumer.py", settings)
     assert wait_for_rows(engine, EVENTS, 150), second.tail()
