@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import ks_2samp
 
 from churn_stream.drift import (
     REGISTRY,
@@ -101,6 +102,21 @@ def test_non_finite_values_are_left_out() -> None:
 def test_ks_is_the_largest_gap_between_the_distribution_functions() -> None:
     result = ks(np.array([0.0, 1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0, 5.0]), 0.4)
     assert (result.statistic, result.score, result.drifted) == ("ks", 0.5, True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ks_distance_equals_scipys_statistic(seed: int) -> None:
+    # Counts with many ties, continuous values, unequal sizes, shifted and unshifted.
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(1, 3000))
+    samples = [
+        (rng.poisson(3, 2000).astype(float), rng.poisson(3 + seed % 2, size).astype(float)),
+        (rng.normal(size=1500), rng.normal(seed / 10, size=size)),
+        (rng.choice([0.0, 1.0], 40), rng.choice([0.0, 1.0], size)),
+    ]
+    for reference, current in samples:
+        expected = ks_2samp(reference, current, method="asymp").statistic
+        assert ks(reference, current).score == pytest.approx(expected, abs=1e-12)
 
 
 def test_score_drift_is_psi_of_the_scores() -> None:
