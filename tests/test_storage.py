@@ -1,7 +1,7 @@
 """The schema and the idempotent insert, on SQLite for real and as SQL Server would get it."""
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mssql
@@ -43,6 +43,35 @@ def test_duplicates_inside_one_batch_are_stored_once(engine) -> None:
     events = make_events(20)
     assert storage.write_events(engine, events + events, NOW) == 20
     assert count_rows(engine, storage.user_activity) == 20
+
+
+def test_the_sqlite_fast_path_stores_what_the_column_types_would(tmp_path) -> None:
+    # Times with and without microseconds, in another zone, empty and filled properties,
+    # text that JSON must escape.
+    events = [
+        Event(user_id="u1", event_type="login", ts=datetime(2026, 6, 1, 12, 0, tzinfo=UTC)),
+        Event(user_id="u2", event_type="purchase",
+              ts=datetime(2026, 6, 1, 14, 30, 5, 120, tzinfo=timezone(timedelta(hours=2))),
+              numeric={"amount": 12.5, "items": 3.0}, categorical={"plan": 'b"ä\\sic'}),
+        Event(user_id="ü3", event_type="plan_change", ts=datetime(1999, 12, 31, 23, 59, 59,
+              999999, tzinfo=UTC), categorical={"plan": "pro"}),
+    ]
+    ingested = datetime(2026, 6, 1, 15, 0, 0, 5, tzinfo=UTC)
+    typed = storage.make_engine(f"sqlite:///{tmp_path / 'typed.db'}")
+    fast = storage.make_engine(f"sqlite:///{tmp_path / 'fast.db'}")
+    for engine in (typed, fast):
+        storage.create_schema(engine)
+    with typed.begin() as conn:
+        storage.insert_idempotent(conn, storage.user_activity,
+                                  [storage.event_row(e, ingested) for e in events])
+    assert storage.write_events(fast, events, ingested) == 3
+
+    def raw(engine: sa.Engine) -> list[tuple]:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("SELECT * FROM user_activity ORDER BY event_id").all()
+
+    assert raw(fast) == raw(typed)
+    assert len(raw(fast)) == 3
 
 
 def test_rows_keep_their_values(engine) -> None:
