@@ -35,11 +35,11 @@ def run(ctx: Context) -> list[Figure]:
         log.info("cold start run %d: first prediction after %s s (training %s s)", number + 1,
                  fmt(total), fmt(trained))
     if ctx.profile:
-        from churn_stream import training
+        from churn_stream.training import train
 
         engine = ctx.engine()
         with profiled("cold-start-training", True):
-            training.train(engine, "profile")
+            train(engine, "profile")
         engine.dispose()
     stages = getattr(ctx.model(), "details", {}).get("seconds", {})
     stage_text = ", ".join(f"{stage} {fmt(s)} s" for stage, s in stages.items())
