@@ -26,7 +26,10 @@ def load_history(engine: sa.Engine, until: datetime | None = None,
     chunks = [_read_history(engine, until, list(user_ids[i:i + USER_CHUNK]))
               for i in range(0, len(user_ids), USER_CHUNK)]
     frame = pd.concat(chunks, ignore_index=True) if chunks else _read_history(engine, until, [])
-    return frame.sort_values(["ts", "event_id"], kind="stable").reset_index(drop=True)
+    # Each chunk holds its users whole, in (ts, event_id) order, so a stable sort on the
+    # times alone keeps every user's order as one query would give it. Adding event_id to
+    # the keys sorted 1.8 million strings: 12.7 s of a 68 s training run, holding the GIL.
+    return frame.sort_values("ts", kind="stable").reset_index(drop=True)
 
 
 def _read_history(engine: sa.Engine, until: datetime | None,

@@ -47,10 +47,12 @@ def split_roles(queries: pd.DataFrame, policy: LabelPolicy, holdout_share: float
     held = set(_some(rng, spanning, holdout_share, churners)) | (seen_late - seen_early)
     learning = sorted(seen_early - held)
     validating = _some(rng, learning, VALIDATION_SHARE, churners)
-    in_held = np.isin(user, list(held))
+    # pandas' hashed isin: numpy's sorts the object arrays, 5 s for 166,000 examples.
+    users = queries["user_id"]
+    in_held = users.isin(held).to_numpy()
     roles[in_held & late] = HOLDOUT
     roles[~in_held & early] = FIT
-    roles[~in_held & early & np.isin(user, validating)] = VALIDATION
+    roles[~in_held & early & users.isin(validating).to_numpy()] = VALIDATION
     return roles
 
 
