@@ -37,19 +37,34 @@ SIMULATOR_TYPES = (
 CANCELLATION_TYPE = "subscription_cancelled"
 PROFILE_TYPE = "profile"
 MAX_PAYLOAD_BYTES = 64 * 1024
+EARLIEST_TS = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_TS = datetime(2068, 1, 1, tzinfo=UTC)
+"""Event times outside these are refused: the feature store keeps times as 32-bit seconds
+since 2000, and a stray 1970 stretches a training run over half a century."""
+MAX_ABS_NUMBER = 1e15
+"""Larger numeric properties are refused: they overflow the feature store's float32 sums."""
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,47}$")]
-UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
+UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128,
+                                          pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
+    if abs(value) > MAX_ABS_NUMBER:
+        raise ValueError(f"must be within +-{MAX_ABS_NUMBER:g}")
     return value
 
 
 def _utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 with an offset: not a ValueError, pydantic lets it out
+        raise ValueError("is out of range") from None
+    if not EARLIEST_TS <= value < LATEST_TS:
+        raise ValueError(f"must be from {EARLIEST_TS.year} to before {LATEST_TS.year}")
+    return value
 
 
 class Event(BaseModel):
@@ -80,13 +95,15 @@ class Event(BaseModel):
 
 def parse_event(raw: bytes | None, max_ahead_s: float, now: datetime | None = None) -> Event:
     """Decode and validate one record, or raise ``InvalidEvent`` saying why."""
-    if raw is None:
+    if not raw:
         raise InvalidEvent("empty", "record has no value")
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise InvalidEvent("too_large", f"{len(raw)} bytes, limit {MAX_PAYLOAD_BYTES}")
     try:
         # pydantic parses JSON in Rust, several times faster than json.loads + validate.
-        event = Event.model_validate_json(raw)
+        # Strict on the wire: a time is an ISO string (not a number), a number is a number
+        # (not "5" or true). Events built in Python (replay readers) are converted leniently.
+        event = Event.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise _classify(raw, exc) from None
     limit = (now or datetime.now(UTC)) + timedelta(seconds=max_ahead_s)

@@ -54,7 +54,17 @@ def test_a_valid_event_round_trips_and_is_normalised_to_utc() -> None:
         (json.dumps(good(event_type="x" * 500)).encode(), "invalid_field"),
         (json.dumps(good(numeric={"amount": "ten"})).encode(), "invalid_field"),
         (json.dumps(good(surprise=1)).encode(), "invalid_field"),
-        (json.dumps(good(ts="2100-01-01T00:00:00Z")).encode(), "future_ts"),
+        (json.dumps(good(ts="2030-01-01T00:00:00Z")).encode(), "future_ts"),
+        # Out of range: these once raised OverflowError and took the consumer down.
+        (json.dumps(good(ts="0001-01-01T00:00:00+01:00")).encode(), "invalid_field"),
+        (json.dumps(good(ts="9999-12-31T23:59:59-01:00")).encode(), "invalid_field"),
+        (json.dumps(good(ts="1970-01-01T00:00:00Z")).encode(), "invalid_field"),
+        (json.dumps(good(ts=1700000000)).encode(), "invalid_field"),
+        (json.dumps(good(numeric={"amount": "5"})).encode(), "invalid_field"),
+        (json.dumps(good(numeric={"amount": True})).encode(), "invalid_field"),
+        (json.dumps(good(numeric={"amount": 1e308})).encode(), "invalid_field"),
+        (json.dumps(good(user_id="u\x00")).encode(), "invalid_field"),
+        (b"", "empty"),
         (b"{" + b" " * MAX_PAYLOAD_BYTES + b"}", "too_large"),
     ],
 )

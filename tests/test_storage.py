@@ -53,7 +53,7 @@ def test_the_sqlite_fast_path_stores_what_the_column_types_would(tmp_path) -> No
         Event(user_id="u2", event_type="purchase",
               ts=datetime(2026, 6, 1, 14, 30, 5, 120, tzinfo=timezone(timedelta(hours=2))),
               numeric={"amount": 12.5, "items": 3.0}, categorical={"plan": 'b"ä\\sic'}),
-        Event(user_id="ü3", event_type="plan_change", ts=datetime(1999, 12, 31, 23, 59, 59,
+        Event(user_id="ü3", event_type="plan_change", ts=datetime(2001, 12, 31, 23, 59, 59,
               999999, tzinfo=UTC), categorical={"plan": "pro"}),
     ]
     ingested = datetime(2026, 6, 1, 15, 0, 0, 5, tzinfo=UTC)
