@@ -7,6 +7,7 @@ behaviour at that moment, as a price change would: shorter sessions, fewer and l
 purchases. The simulator knows the truth (``outcomes``) for the feedback loop to report.
 """
 
+import hashlib
 import math
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ class SimUser:
     decline_days: float
     goes_silent: bool
     plan: str = ""
+    id_salt: int = 0
+    """Mixed into event ids, so that runs starting at different times never share an id."""
 
     def __post_init__(self) -> None:
         self.plan = self.initial_plan
@@ -81,6 +84,8 @@ class Simulator:
         self.seed = seed
         self.drift_at = drift_at
         self._rng = np.random.default_rng(seed)
+        self._id_salt = int.from_bytes(
+            hashlib.blake2b(self.start.isoformat().encode(), digest_size=16).digest())
         self.users = [self._make_user(i, churn_share) for i in range(n_users)]
 
     def _make_user(self, index: int, churn_share: float) -> SimUser:
@@ -100,6 +105,7 @@ class Simulator:
             churn_at=churn_at,
             decline_days=float(rng.uniform(7, 21)),
             goes_silent=bool(rng.random() < 0.4),
+            id_salt=self._id_salt,
         )
 
     def outcomes(self, until: datetime) -> list[Outcome]:
@@ -225,8 +231,10 @@ def _event(
     numeric: dict[str, float] | None = None,
     categorical: dict[str, str] | None = None,
 ) -> Event:
-    # Ids drawn from the seeded generator make a re-run with the same seed idempotent.
-    event_id = uuid.UUID(bytes=rng.bytes(16), version=4)
+    # Ids drawn from the seeded generator make a re-run with the same seed and start
+    # idempotent; the start's salt keeps a later run (same seed, new start) from reusing
+    # ids, which the idempotent insert would drop as already stored.
+    event_id = uuid.UUID(int=int.from_bytes(rng.bytes(16)) ^ user.id_salt, version=4)
     return Event(
         event_id=event_id,
         user_id=user.user_id,

@@ -22,6 +22,15 @@ def test_the_same_seed_gives_the_same_events_and_another_seed_does_not() -> None
     assert len(first) > 1000
 
 
+def test_a_later_run_with_the_same_seed_shares_no_event_id() -> None:
+    # A re-run of `churn up` against the same database: reused ids would be dropped as
+    # already stored, and the new run would store nothing.
+    earlier = {e.event_id for e in Simulator(40, START, 5, seed=3).events()}
+    later = {e.event_id for e in Simulator(40, START + timedelta(hours=20), 5, seed=3).events()}
+    assert len(earlier) > 500 and len(later) > 500
+    assert not earlier & later
+
+
 def test_events_come_in_time_order_and_stop_when_a_user_churns() -> None:
     sim = Simulator(200, START, 20, seed=1)
     events = list(sim.events())
