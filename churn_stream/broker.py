@@ -55,8 +55,11 @@ class EmbeddedBroker:
             "--advertised-listener-url",
             url,
         ]
+        # A session of its own: Ctrl-C in the terminal reaches ``churn up`` alone, which stops
+        # the services first and the broker last (it died first, and the services' last
+        # commits failed with connection errors).
         self._process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.monotonic() + ready_timeout_s
         while not port_open(self.host, self.port):

@@ -23,7 +23,7 @@ from churn_stream.broker import EmbeddedBroker
 from churn_stream.errors import ChurnStreamError
 from churn_stream.kafka_io import ensure_topics
 from churn_stream.logs import configure_logging
-from churn_stream.settings import Settings, get_settings, mask_url
+from churn_stream.settings import MssqlSettings, Settings, get_settings, mask_url
 
 log = logging.getLogger("churn")
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +107,10 @@ def up(
     ),
     replay_config: str | None = typer.Option(None, help="Column mapping for a generic file."),
     limit_users: int | None = typer.Option(None, min=1, help="Replay a seeded subset of users."),
+    keep_data: bool = typer.Option(
+        False, "--keep-data",
+        help="Keep the embedded SQLite database of an earlier run (it is set aside otherwise).",
+    ),
 ) -> None:
     """Start the broker if needed, create topics and tables, run every service."""
     configure_logging()
@@ -123,14 +127,42 @@ def up(
         if limit_users:
             producer_args.append(f"--limit-users={limit_users}")
     try:
-        _up(settings, producer_args, duration)
+        if not keep_data:
+            set_aside_previous_run(settings)
+        failed = _up(settings, producer_args, duration)
     except ChurnStreamError as exc:
         # A known failure (a taken port, no broker) is one line, not a traceback.
         log.error("%s", exc)
         raise typer.Exit(1) from None
+    if failed:
+        raise typer.Exit(1)
 
 
-def _up(settings: Settings, producer_args: list[str], duration: float | None) -> None:
+def set_aside_previous_run(settings: Settings) -> Path | None:
+    """Move the embedded SQLite database of an earlier run to ``*.previous.db``.
+
+    A new run's simulated users have the old run's ids, and mixing two histories of the same
+    users (each ending "now") gives a model no better than chance. Only the embedded default
+    is moved; a configured database is the user's and is never touched.
+    """
+    if settings.database_url is not None or MssqlSettings().host:
+        return None
+    path = settings.sqlite_path
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    aside = path.with_name(f"{path.stem}.previous{path.suffix}")
+    for suffix in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + suffix)
+        target = aside.with_name(aside.name + suffix)
+        target.unlink(missing_ok=True)
+        if source.exists():
+            source.rename(target)
+    log.info("set the earlier run's database aside as %s (--keep-data keeps it in place)", aside)
+    return aside
+
+
+def _up(settings: Settings, producer_args: list[str], duration: float | None) -> bool:
+    """Run the stack; True if a service failed."""
     with ExitStack() as stack:
         env = dict(os.environ)
         if settings.uses_embedded_broker:
@@ -145,7 +177,7 @@ def _up(settings: Settings, producer_args: list[str], duration: float | None) ->
         engine.dispose()
         services = plan_services(settings, producer_args)
         _print_directions(settings, services)
-        _run(services, env, duration)
+        return _run(services, env, duration)
 
 
 def _print_directions(settings: Settings, services: list[Service]) -> None:
@@ -157,12 +189,15 @@ def _print_directions(settings: Settings, services: list[Service]) -> None:
         "predictor          http://127.0.0.1:%d/model (/health /predict/{user_id} /metrics)",
         settings.predictor_port,
     )
+    log.info("feedback API       http://127.0.0.1:%d/docs", settings.feedback_api_port)
+    log.info("feedback loop      http://127.0.0.1:%d/metrics", settings.feedback_loop_metrics_port)
     log.info("dashboard          http://127.0.0.1:%d", settings.dashboard_port)
     log.info("services:  %s; Ctrl-C stops them all", ", ".join(s.name for s in services))
 
 
-def _run(services: list[Service], env: dict[str, str], duration: float | None) -> None:
+def _run(services: list[Service], env: dict[str, str], duration: float | None) -> bool:
     stopping = threading.Event()
+    failed = False
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     for service in services:
@@ -175,8 +210,10 @@ def _run(services: list[Service], env: dict[str, str], duration: float | None) -
         for service in services:
             if service.process and service.process.poll() not in (None, 0):
                 log.error("%s exited with code %s", service.name, service.process.returncode)
+                failed = True
                 stopping.set()
     _stop_all(services)
+    return failed
 
 
 def _start(service: Service, env: dict[str, str]) -> None:
