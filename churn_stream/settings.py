@@ -8,7 +8,7 @@ at a real cluster and ``DATABASE_URL`` (or the ``MSSQL_*`` parts) at SQL Server.
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DATA_DIR = Path("data")
@@ -96,7 +96,12 @@ class Settings(BaseSettings):
     """Events stamped further than this in the future are dead-lettered."""
 
     churn_api_key: SecretStr | None = None
-    """When set, write endpoints of the feedback API need it in ``X-API-Key``."""
+    """When set, write endpoints of the feedback API need it in ``X-API-Key``; empty (or
+    blank) means unset."""
+    feedback_max_body_bytes: int = Field(1_048_576, ge=1)
+    """Largest request body the feedback API accepts (1 MiB); a larger one is refused with 413
+    before it is read. A full batch of 1,000 items at their longest ASCII ids, indented,
+    takes about 450 kB; long non-ASCII ids written as JSON escapes can need more."""
 
     feedback_api_host: str = "127.0.0.1"
     """Interface the feedback API binds; anything but loopback requires ``CHURN_API_KEY``."""
@@ -138,6 +143,8 @@ class Settings(BaseSettings):
     promotion_tolerance: float = Field(0.01, ge=0)
     """A retrained model replaces the serving one unless its holdout ROC-AUC is lower than the
     serving model's on the same holdout by more than this."""
+    min_serving_roc_auc: float = Field(0.6, ge=0, le=1)
+    """No model whose own holdout ROC-AUC is below this is served, the first one included."""
     retrain_failure_injection: str | None = None
     """Tests only: ``raise`` or ``memory`` makes every retrain after the first fail that way."""
     drift_window_rows: int = Field(5000, ge=1)
@@ -161,6 +168,13 @@ class Settings(BaseSettings):
     """Drifted windows in a row that confirm drift."""
     drift_cooldown_s: float = Field(900.0, ge=0)
     """Least time from any retrain to a retrain for drift."""
+
+    @field_validator("churn_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_unset(cls, value: object) -> object:
+        # ``CHURN_API_KEY=`` in .env or a compose file must not demand a key no client sends.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return None if isinstance(text, str) and not text.strip() else value
 
     @property
     def uses_embedded_broker(self) -> bool:

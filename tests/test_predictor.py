@@ -1,5 +1,6 @@
 """The predictor: micro-batching and run records alone, then the service as a process."""
 
+import dataclasses
 import signal
 import subprocess
 import threading
@@ -20,12 +21,13 @@ from churn_stream.features import FeatureSpace, FeatureStore
 from churn_stream.kafka_io import make_consumer, make_producer
 from churn_stream.predictor import runs
 from churn_stream.predictor.batching import Received, collect, parse_batch
+from churn_stream.predictor.retrain import ModelHolder, Retrainer
 from churn_stream.predictor.state import UserState
 from churn_stream.settings import Settings
 from churn_stream.simulator import Simulator
 from tests.brokers import free_port
 from tests.conftest import start_service, wait_until
-from tests.simulated import DAYS, START, simulated_events
+from tests.simulated import DAYS, START, simulated_events, trained_model
 
 NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
 
@@ -132,6 +134,33 @@ def test_a_run_is_recorded_when_it_starts_and_when_it_ends(engine: sa.Engine) ->
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.timeout(300)
+def test_a_model_no_better_than_chance_is_never_served(engine: sa.Engine) -> None:
+    fitted, _ = trained_model()
+    holdout_auc = {"v": 0.49}
+
+    def train(_engine, version, **_options):
+        blend = {**fitted.metrics["blend"], "roc_auc": holdout_auc["v"]}
+        return dataclasses.replace(fitted, version=version, metrics={**fitted.metrics,
+                                                                   "blend": blend})
+
+    holder = ModelHolder()
+    retrainer = Retrainer(engine, "host-1", holder, train, judge=lambda c, s: (1.0, 0.0),
+                          min_roc_auc=0.6)
+    refused = retrainer.run("start")
+    assert (refused.promoted, holder.current) == (False, None)
+    assert "0.4900 is below 0.60" in refused.error
+
+    holdout_auc["v"] = 0.93
+    served = retrainer.run("start")
+    assert served.promoted and holder.current.version == served.version
+    with engine.connect() as conn:
+        recorded = conn.execute(sa.select(storage.model_runs.c.promoted, storage.model_runs.c.error)
+                                .order_by(storage.model_runs.c.id)).all()
+    assert [promoted for promoted, _ in recorded] == [False, True]
+    assert "not served" in recorded[0][1] and recorded[1][1] is None
+
+
 def test_version_numbers() -> None:
     assert runs.version_number("v12") == 12 and runs.version_number("dev") == 0
 

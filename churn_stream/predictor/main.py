@@ -40,6 +40,7 @@ def make_retrainer(settings: Settings, engine: sa.Engine, instance: str,
     """The retrainer with the project's training and promotion judge."""
     return Retrainer(engine, instance, holder, train_with_reference, training.compare_on_holdout,
                      promotion_tolerance=settings.promotion_tolerance,
+                     min_roc_auc=settings.min_serving_roc_auc,
                      failure_injection=settings.retrain_failure_injection)
 
 

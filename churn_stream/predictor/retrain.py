@@ -4,12 +4,16 @@ Training never blocks the consume loop: a retrain runs on a thread of its own (s
 XGBoost and TensorFlow do their heavy work outside the GIL) while the loop keeps polling. A
 candidate replaces the serving model only if it is not worse on recent labelled data: its
 ROC-AUC on its own time-based holdout (the latest labelled examples) against the serving
-model's on that same holdout, within ``promotion_tolerance``. The swap is one reference
+model's on that same holdout, within ``promotion_tolerance``; and no model whose own holdout
+ROC-AUC is below ``min_roc_auc`` is ever served, the first one included (a first run that
+trains while a backfill is still arriving sees users silent who are not: it scored 0.49). The
+swap is one reference
 assignment, atomic for every reader. A run that fails, however it fails (an exception, a
 ``MemoryError``), is logged, counted and recorded, and the serving model keeps serving.
 """
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -96,8 +100,9 @@ class Retrainer:
 
     def __init__(self, engine: sa.Engine, instance: str, holder: ModelHolder, train: Train,
                  judge: Judge, promotion_tolerance: float = 0.01,
-                 failure_injection: str | None = None) -> None:
+                 failure_injection: str | None = None, min_roc_auc: float = 0.6) -> None:
         self.engine = engine
+        self.min_roc_auc = min_roc_auc
         self.instance = instance
         self.holder = holder
         self.train = train
@@ -187,7 +192,7 @@ class Retrainer:
         try:
             candidate = self._train(version, reason)
             rows, metrics = candidate.rows, self._metrics(candidate)
-            promoted = self._consider(candidate, reason, metrics)
+            promoted, error = self._consider(candidate, reason, metrics)
         except NotEnoughData as exc:
             error, waiting = f"waiting for labelled history: {exc}", True
         except (Exception, MemoryError) as exc:  # a failed run must never stop the service
@@ -212,8 +217,16 @@ class Retrainer:
     def _metrics(self, candidate: ChurnModel) -> dict[str, Any]:
         return {"models": candidate.metrics, "weights": candidate.weights}
 
-    def _consider(self, candidate: ChurnModel, reason: str, metrics: dict[str, Any]) -> bool:
-        """Promote ``candidate`` unless it is worse than the serving model; says why in the log."""
+    def _consider(self, candidate: ChurnModel, reason: str,
+                  metrics: dict[str, Any]) -> tuple[bool, str | None]:
+        """Promote ``candidate`` unless it is no better than chance or worse than the serving
+        model; returns whether it was promoted and, for a refused first model, why."""
+        own_auc = candidate.metrics.get("blend", {}).get("roc_auc", float("nan"))
+        if math.isfinite(own_auc) and own_auc < self.min_roc_auc:
+            why = (f"holdout ROC-AUC {own_auc:.4f} is below {self.min_roc_auc:.2f}: "
+                   f"model {candidate.version} is not served")
+            log.warning("%s", why)
+            return False, why
         current = self.holder.current
         if current is not None:
             candidate_auc, current_auc = self.judge(candidate, current)
@@ -224,11 +237,11 @@ class Retrainer:
             if candidate_auc < current_auc - self.promotion_tolerance:
                 log.info("model %s not promoted: holdout ROC-AUC %.4f, %s has %.4f there",
                          candidate.version, candidate_auc, current.version, current_auc)
-                return False
+                return False, None
         self.holder.promote(candidate)
         PROMOTIONS.labels(reason).inc()
         log.info("model %s promoted (%d rows); serving it now", candidate.version, candidate.rows)
-        return True
+        return True, None
 
     def _note_waiting(self, run_id: int, error: str | None) -> None:
         try:
