@@ -12,7 +12,7 @@ import logging
 import uvicorn
 
 from churn_stream.api import create_app
-from churn_stream.errors import ConfigurationError
+from churn_stream.errors import ChurnStreamError, ConfigurationError
 from churn_stream.logs import configure_logging
 from churn_stream.settings import Settings, get_settings
 
@@ -40,7 +40,16 @@ def _is_loopback(host: str) -> bool:
 
 def main() -> None:
     configure_logging()
-    settings = get_settings()
+    try:
+        serve(get_settings())
+    except ChurnStreamError as exc:
+        # A known failure (say, an exposed host without a key) is one line, not a traceback.
+        log.error("feedback API not started: %s", exc)
+        raise SystemExit(1) from None
+
+
+def serve(settings: Settings) -> None:
+    """Serve the API until SIGTERM or SIGINT."""
     log.info("feedback-api settings: %s", settings.describe())
     check_exposure(settings)
     log.info("feedback API on http://%s:%d/docs", settings.feedback_api_host,

@@ -4,16 +4,19 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 import schemathesis
 import sqlalchemy as sa
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from kafka import KafkaConsumer
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
@@ -27,7 +30,7 @@ from churn_stream.kafka_io import create_topics
 from churn_stream.outbox import OutboxPublisher, pending_count
 from churn_stream.settings import Settings
 from tests.brokers import free_port
-from tests.conftest import count_rows, wait_until
+from tests.conftest import count_rows, start_service, wait_until
 
 API_KEY = "test-key-5b1f"
 JSON = {"content-type": "application/json"}
@@ -174,9 +177,143 @@ def test_empty_or_oversize_batch_is_422(client: TestClient, engine: sa.Engine, s
     assert count_rows(engine, storage.feedback) == 0
 
 
-def test_unparseable_body_is_a_4xx(client: TestClient) -> None:
-    for raw in ('{"user_id": "u1",', "\x00\xff", ""):
-        assert client.post("/feedback", content=raw, headers=JSON).status_code in (400, 422)
+def test_bad_bodies_get_the_code_the_schema_documents(client: TestClient) -> None:
+    documented = client.get("/openapi.json").json()["paths"]["/feedback"]["post"]["responses"]
+    answers = {
+        b'{"user_id": "u1",': (422, "body.17"),  # JSON that does not parse: 422, not 400
+        b"[1,2": (422, "body.4"),
+        "\x00\xff".encode(): (422, "body.0"),
+        b"": (422, "body"),
+        b'{"user_id": "u1"}\xff': (400, None),  # not UTF-8: FastAPI's own 400
+    }
+    for raw, (code, field) in answers.items():
+        response = client.post("/feedback", content=raw, headers=JSON)
+        assert response.status_code == code, raw
+        assert str(code) in documented, raw
+        if field:
+            assert fields_at_fault(response) == [field], raw
+    assert "not parseable JSON" in documented["422"]["description"]
+    assert "JSON" not in documented["400"]["description"]
+
+
+# --- The body size limit ---------------------------------------------------------------------
+
+SMALL_LIMIT_BYTES = 1000
+LONG_STREAM = [b"x" * 100] * 1000
+"""A chunked body a hundred times the small limit (finite: a test must fail, not hang)."""
+
+
+@pytest.fixture
+def small_limit_app(settings: Settings, engine: sa.Engine) -> FastAPI:
+    limited = settings.model_copy(update={"feedback_max_body_bytes": SMALL_LIMIT_BYTES})
+    return create_app(limited, engine, publish=False)
+
+
+def padded_outcome(size_bytes: int, user_id: str) -> bytes:
+    """A valid outcome as JSON of exactly ``size_bytes`` (trailing blanks are valid JSON)."""
+    raw = json.dumps(outcome(user_id)).encode()
+    return raw + b" " * (size_bytes - len(raw))
+
+
+def post_streamed(app: FastAPI, chunks: Iterable[bytes], headers: dict[str, str] | None = None,
+                  path: str = "/feedback") -> tuple[httpx.Response, int]:
+    """POST a body sent chunk by chunk (chunked unless ``headers`` give a Content-Length);
+    the answer and how many chunks the server pulled."""
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for chunk in chunks:
+            pulled += 1
+            yield chunk
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            return await api.post(path, content=body(), headers={**JSON, **(headers or {})})
+
+    return asyncio.run(post()), pulled
+
+
+def test_a_full_batch_of_the_longest_items_fits_the_default_limit(
+    client: TestClient, engine: sa.Engine
+) -> None:
+    observed = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    items = [{"user_id": f"{i:04d}".ljust(128, "u"), "churned": i % 2 == 0,
+              "observed_at": observed, "source": "s" * 64, "feedback_id": f"{i:04d}".ljust(64, "f")}
+             for i in range(MAX_BATCH_ITEMS)]
+    raw = json.dumps({"items": items}, indent=4).encode()
+    assert 2 * len(raw) < Settings().feedback_max_body_bytes
+    response = client.post("/feedback/batch", content=raw, headers=JSON)
+    assert response.status_code == 200
+    assert response.json()["created"] == MAX_BATCH_ITEMS
+    assert count_rows(engine, storage.feedback) == MAX_BATCH_ITEMS
+
+
+def test_a_body_at_the_limit_is_read_and_one_byte_more_is_413(
+    small_limit_app: FastAPI, engine: sa.Engine
+) -> None:
+    client = TestClient(small_limit_app)
+    refused_before = too_large_count()
+    at_limit = client.post("/feedback", content=padded_outcome(SMALL_LIMIT_BYTES, "u1"),
+                           headers=JSON)
+    assert at_limit.status_code == 201
+    over = client.post("/feedback", content=padded_outcome(SMALL_LIMIT_BYTES + 1, "u2"),
+                       headers=JSON)
+    assert over.status_code == 413
+    assert "FEEDBACK_MAX_BODY_BYTES" in over.json()["detail"]
+    assert count_rows(engine, storage.feedback) == 1
+    assert too_large_count() == refused_before + 1
+
+
+def too_large_count() -> float:
+    return REGISTRY.get_sample_value("feedback_api_errors_total", {"kind": "too_large"}) or 0.0
+
+
+@pytest.mark.timeout(30)
+def test_a_declared_oversize_body_is_refused_before_a_byte_is_read(
+    small_limit_app: FastAPI
+) -> None:
+    declared = {"Content-Length": str(SMALL_LIMIT_BYTES + 1)}
+    response, pulled = post_streamed(small_limit_app, [b"x"] * (SMALL_LIMIT_BYTES + 1), declared)
+    assert (response.status_code, pulled) == (413, 0)
+
+
+@pytest.mark.timeout(30)
+def test_a_chunked_body_is_cut_off_once_past_the_limit(small_limit_app: FastAPI) -> None:
+    response, pulled = post_streamed(small_limit_app, LONG_STREAM)
+    assert response.status_code == 413
+    assert pulled == SMALL_LIMIT_BYTES // 100 + 1, "read on past the limit"
+
+
+@pytest.mark.timeout(30)
+def test_the_key_is_checked_before_the_body_is_read(settings: Settings, engine: sa.Engine) -> None:
+    keyed = settings.model_copy(update={"churn_api_key": SecretStr(API_KEY),
+                                        "feedback_max_body_bytes": SMALL_LIMIT_BYTES})
+    app = create_app(keyed, engine, publish=False)
+    client = TestClient(app)
+    oversize = b"x" * (SMALL_LIMIT_BYTES + 1)
+    for headers in ({}, {"X-API-Key": "wrong"}):
+        for path in ("/feedback", "/feedback/batch"):
+            for raw in (b'{"user_id": "u1",', oversize):  # a 422 and a 413, were it read
+                answer = client.post(path, content=raw, headers={**JSON, **headers})
+                assert answer.status_code == 401, (path, headers, raw[:20])
+        response, pulled = post_streamed(app, LONG_STREAM, headers)
+        assert (response.status_code, pulled) == (401, 0)
+    right = {**JSON, "X-API-Key": API_KEY}
+    assert client.post("/feedback", content=oversize, headers=right).status_code == 413
+    assert client.post("/feedback", content=b"{", headers=right).status_code == 422
+    assert count_rows(engine, storage.feedback) == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_chunked_body_within_the_limit_is_stored(
+    small_limit_app: FastAPI, engine: sa.Engine
+) -> None:
+    raw = padded_outcome(SMALL_LIMIT_BYTES, "u1")
+    response, _ = post_streamed(small_limit_app, [raw[i:i + 64] for i in range(0, len(raw), 64)])
+    assert response.status_code == 201
+    assert count_rows(engine, storage.feedback) == 1
 
 
 def test_write_endpoints_need_the_api_key(keyed_client: TestClient, engine: sa.Engine) -> None:
@@ -380,6 +517,7 @@ def test_no_5xx_for_any_input(topics: Settings, engine: sa.Engine, mode: Generat
 @pytest.mark.parametrize("host,key,refused", [
     ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False),
     ("0.0.0.0", None, True), ("feedback-api", None, True), ("0.0.0.0", "k", False),
+    ("0.0.0.0", "", True), ("0.0.0.0", "  ", True),
 ])
 def test_the_api_refuses_to_listen_beyond_loopback_without_a_key(
     host: str, key: str | None, refused: bool
@@ -392,3 +530,14 @@ def test_the_api_refuses_to_listen_beyond_loopback_without_a_key(
             check_exposure(settings)
     else:
         check_exposure(settings)
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_start_is_one_error_line_and_a_nonzero_exit(settings: Settings) -> None:
+    process = start_service("feedback_api.py", settings, FEEDBACK_API_HOST="0.0.0.0",
+                            CHURN_API_KEY="")
+    output = process.communicate(timeout=50)[0].decode()
+    errors = [line for line in output.splitlines() if "ERROR" in line.split()]
+    assert process.returncode == 1, output
+    assert "Traceback" not in output
+    assert len(errors) == 1 and "set CHURN_API_KEY" in errors[0], output

@@ -73,6 +73,24 @@ def test_every_write_endpoint_needs_the_api_key_when_one_is_set(
     assert count_feedback(engine) == 0
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_api_key_means_unset_everywhere(
+    settings: Settings, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, blank: str
+) -> None:
+    # Before: the start-up line said "unset" and every write was refused with 401.
+    for name, value in settings.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CHURN_API_KEY", blank)
+    from_env = Settings()
+    assert from_env.churn_api_key is None and Settings(churn_api_key=blank).churn_api_key is None
+    assert from_env.describe()["churn_api_key"] == "unset"
+    client = TestClient(create_app(from_env, engine, publish=False))
+    created = client.post("/feedback", json={"user_id": "u1", "churned": True})
+    assert created.status_code == 201
+    assert count_feedback(engine) == 1
+
+
 def write_routes(routes: list) -> Iterator[tuple[str, str]]:
     """(path, method) of every route that writes, included routers walked into."""
     for route in routes:

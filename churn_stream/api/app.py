@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from churn_stream import storage
 from churn_stream.api import feedback_routes, read_routes
+from churn_stream.api.guard import RequestGuard
 from churn_stream.api.metrics import REQUEST_SECONDS, REQUESTS
 from churn_stream.api.problems import install_problem_handlers
 from churn_stream.api.schemas import Health
@@ -25,8 +26,11 @@ KNOWN_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 DESCRIPTION = """
 True churn outcomes reported by a CRM, and the scores the predictor stored.
 
-Write endpoints need the `X-API-Key` header when the server has `CHURN_API_KEY` set.
-Bad input is answered with 422 and a list of the fields at fault.
+Write endpoints need the `X-API-Key` header when the server has `CHURN_API_KEY` set; it is
+checked before the body is read. A body larger than `FEEDBACK_MAX_BODY_BYTES` (1 MiB unless
+configured) is refused with 413, also before it is read.
+Bad input, JSON that does not parse included, is answered with 422 and a list of the fields
+at fault.
 """
 
 
@@ -69,6 +73,9 @@ def create_app(
     app.state.health_engine = health_engine
     app.state.outbox = None
     install_problem_handlers(app)
+    # Added first, so it runs inside the request counter: refusals are counted too.
+    app.add_middleware(RequestGuard, api_key=settings.churn_api_key,
+                       max_body_bytes=settings.feedback_max_body_bytes)
     app.middleware("http")(_count_requests)
     app.include_router(feedback_routes.router)
     app.include_router(read_routes.router)

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, Security, status
 from pydantic import ValidationError
 
 from churn_stream import storage
-from churn_stream.api.auth import require_api_key
+from churn_stream.api.auth import documented_key
 from churn_stream.api.metrics import FEEDBACK_RECEIVED
 from churn_stream.api.problems import validation_problem
 from churn_stream.api.schemas import (
@@ -29,10 +29,17 @@ from churn_stream.api.schemas import (
 from churn_stream.outbox import store_feedback
 
 INVALID: dict[int | str, dict[str, Any]] = {
-    400: {"model": Problem, "description": "The body is not parseable JSON"},
-    422: {"model": Problem, "description": "A field is missing, unknown or invalid"},
+    422: {"model": Problem, "description": "A field or parameter is missing, unknown or invalid"},
 }
-UNAUTHORIZED = {401: {"model": Problem, "description": "X-API-Key missing or wrong"}}
+# What a write can be refused with besides its own outcomes. JSON that does not parse is a
+# 422 like any invalid field (FastAPI's choice): the field is ``body.<character offset>``.
+WRITE_REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body is not UTF-8 text"},
+    401: {"model": Problem, "description": "X-API-Key missing or wrong"},
+    413: {"model": Problem, "description": "The body is larger than FEEDBACK_MAX_BODY_BYTES"},
+    422: {"model": Problem, "description": "The body is not parseable JSON (the field is "
+          "body.<character offset>), or a field is missing, unknown or invalid"},
+}
 
 router = APIRouter(tags=["feedback"], responses=INVALID)
 
@@ -62,11 +69,11 @@ def feedback_out(row: Any) -> FeedbackOut:
 @router.post(
     "/feedback",
     status_code=status.HTTP_201_CREATED,
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Security(documented_key)],
     responses={
         200: {"model": FeedbackAccepted, "description": "Already stored under this feedback_id"},
         409: {"model": Problem, "description": "feedback_id taken by another user or outcome"},
-        **UNAUTHORIZED,
+        **WRITE_REFUSALS,
     },
 )
 def post_feedback(item: FeedbackIn, request: Request, response: Response) -> FeedbackAccepted:
@@ -93,8 +100,8 @@ def post_feedback(item: FeedbackIn, request: Request, response: Response) -> Fee
 
 @router.post(
     "/feedback/batch",
-    dependencies=[Depends(require_api_key)],
-    responses=UNAUTHORIZED,
+    dependencies=[Security(documented_key)],
+    responses=WRITE_REFUSALS,
 )
 def post_feedback_batch(batch: FeedbackBatchIn, request: Request) -> FeedbackBatchOut:
     """Store up to 1000 outcomes (``MAX_BATCH_ITEMS``) at once, with a result per item.

@@ -42,6 +42,14 @@ def _answer(code: int, problem: Problem, headers: dict[str, str] | None = None) 
     return JSONResponse(problem.model_dump(), status_code=code, headers=headers)
 
 
+def problem_response(
+    code: int, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error answer with ``detail``, counted; for middleware, which no handler reaches."""
+    ERRORS.labels(ERROR_KINDS.get(code, "http")).inc()
+    return _answer(code, Problem(detail=detail), headers)
+
+
 async def _invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
     ERRORS.labels("validation").inc()
     errors = field_errors(list(exc.errors()))
@@ -50,11 +58,10 @@ async def _invalid_request(_request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    ERRORS.labels(ERROR_KINDS.get(exc.status_code, "http")).inc()
     headers = dict(exc.headers or {})
     if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
         headers["Allow"] = ", ".join(_allowed_methods(request))
-    return _answer(exc.status_code, Problem(detail=str(exc.detail)), headers)
+    return problem_response(exc.status_code, str(exc.detail), headers)
 
 
 def _allowed_methods(request: Request) -> list[str]:
