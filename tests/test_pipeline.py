@@ -113,8 +113,13 @@ POISON = {
         "invalid_field",
     ),
     "ts far ahead": (
-        json.dumps({"user_id": "u", "event_type": "login", "ts": "2199-01-01T00:00:00Z"}).encode(),
+        json.dumps({"user_id": "u", "event_type": "login", "ts": "2060-01-01T00:00:00Z"}).encode(),
         "future_ts",
+    ),
+    "ts out of range": (
+        json.dumps({"user_id": "u", "event_type": "login", "ts": "0001-01-01T00:00:00+01:00"}
+                   ).encode(),
+        "invalid_field",
     ),
     "1 MB payload": (b'{"user_id": "' + b"x" * 1_000_000 + b'"}', "too_large"),
     "invalid UTF-8": (b'{"user_id": "\xc3\x28"}', "not_utf8"),
