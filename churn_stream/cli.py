@@ -23,7 +23,7 @@ from churn_stream.broker import EmbeddedBroker
 from churn_stream.errors import ChurnStreamError
 from churn_stream.kafka_io import ensure_topics
 from churn_stream.logs import configure_logging
-from churn_stream.settings import MssqlSettings, Settings, get_settings, mask_url
+from churn_stream.settings import Settings, get_settings, mask_url
 
 log = logging.getLogger("churn")
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def set_aside_previous_run(settings: Settings) -> Path | None:
     users (each ending "now") gives a model no better than chance. Only the embedded default
     is moved; a configured database is the user's and is never touched.
     """
-    if settings.database_url is not None or MssqlSettings().host:
+    if not settings.uses_embedded_database:
         return None
     path = settings.sqlite_path
     if not path.exists() or path.stat().st_size == 0:

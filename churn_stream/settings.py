@@ -185,13 +185,17 @@ class Settings(BaseSettings):
         """Where the Kafka clients connect."""
         return self.kafka_bootstrap_servers or f"127.0.0.1:{self.embedded_broker_port}"
 
+    @property
+    def uses_embedded_database(self) -> bool:
+        """Neither ``DATABASE_URL`` nor ``MSSQL_HOST`` is set: the SQLite file is in force."""
+        return self.database_url is None and not MssqlSettings().host
+
     def resolved_database_url(self) -> str:
         """The database URL in force, following the precedence in ``database_url``."""
         if self.database_url is not None:
             return self.database_url.get_secret_value()
-        mssql = MssqlSettings()
-        if mssql.host:
-            return mssql.url()
+        if not self.uses_embedded_database:
+            return MssqlSettings().url()
         return f"sqlite:///{self.sqlite_path}"
 
     def environment(self) -> dict[str, str]:

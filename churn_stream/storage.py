@@ -230,12 +230,12 @@ def _insert_events_sqlite(conn: Connection, events: dict[str, Event],
     the consumer's time per event (12 of 22 microseconds a row, measured here).
     """
     sql, order = _sqlite_event_insert()
-    stored_at = sqlite_time(ingested_at)
+    stored_at = _sqlite_time(ingested_at)
     values = {"ingested_at": stored_at}
     rows = []
     for event_id, event in events.items():
         values.update(event_id=event_id, user_id=event.user_id, event_type=event.event_type,
-                      ts=sqlite_time(event.ts), numeric_values=_json_text(event.numeric),
+                      ts=_sqlite_time(event.ts), numeric_values=_json_text(event.numeric),
                       categorical_values=_json_text(event.categorical))
         rows.append(tuple(values[name] for name in order))
     conn.exec_driver_sql(sql, rows)
@@ -249,7 +249,7 @@ def _sqlite_event_insert() -> tuple[str, tuple[str, ...]]:
     return str(compiled), tuple(compiled.positiontup or ())
 
 
-def sqlite_time(value: datetime) -> str:
+def _sqlite_time(value: datetime) -> str:
     """A time as SQLAlchemy's SQLite ``DateTime`` stores it: naive UTC text, microseconds."""
     return to_db_time(value).isoformat(" ", "microseconds")
 

@@ -6,10 +6,10 @@ candidate replaces the serving model only if it is not worse on recent labelled 
 ROC-AUC on its own time-based holdout (the latest labelled examples) against the serving
 model's on that same holdout, within ``promotion_tolerance``; and no model whose own holdout
 ROC-AUC is below ``min_roc_auc`` is ever served, the first one included (a first run that
-trains while a backfill is still arriving sees users silent who are not: it scored 0.49). The
-swap is one reference
-assignment, atomic for every reader. A run that fails, however it fails (an exception, a
-``MemoryError``), is logged, counted and recorded, and the serving model keeps serving.
+trains while a backfill is still arriving sees users silent who are not: it scored 0.49).
+The swap is one reference assignment, atomic for every reader. A run that fails, however it
+fails (an exception, a ``MemoryError``), is logged, counted and recorded, and the serving
+model keeps serving.
 """
 
 import logging
