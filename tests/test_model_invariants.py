@@ -10,6 +10,7 @@ import pytest
 from churn_stream.events import Event
 from churn_stream.features import FeatureStore
 from churn_stream.models import MODEL_NAMES, ChurnModel
+from churn_stream.models.sequence import FORWARD_MAX_ROWS
 from tests.simulated import simulated_events, trained_model
 
 SCORED = (*MODEL_NAMES, "blend")
@@ -155,6 +156,24 @@ def test_forest_walks_give_exactly_scikit_learns_probabilities(model, batch) -> 
     expected = model.forest.estimator.predict_proba(X)[:, 1]
     np.testing.assert_allclose(model.forest.predict(X), expected, rtol=0, atol=1e-12)
     np.testing.assert_allclose(model.forest.predict_packed(X), expected, rtol=0, atol=1e-12)
+
+
+def test_numpy_forward_pass_gives_keras_probabilities(model, batch) -> None:
+    X, S = batch
+    rng = np.random.default_rng(0)
+    # Served rows, then rows far outside training (saturated gates, large activations).
+    X = np.vstack([X, X * rng.uniform(0, 50, X.shape).astype(np.float32)])
+    S = np.concatenate([S, S * 10 + rng.uniform(0, 3, S.shape).astype(np.float32)])
+    expected = model.sequence.predict_keras(X, S)
+    np.testing.assert_allclose(model.sequence.forward(model.sequence.sequence.apply(S),
+                                                      model.sequence.static.apply(X)),
+                               expected, rtol=0, atol=1e-5)
+    assert np.ptp(expected) > 0.1, "the rows must spread the scores for the check to mean much"
+    # Both paths of predict: a batch over FORWARD_MAX_ROWS goes through the traced graph.
+    assert len(X) > FORWARD_MAX_ROWS
+    np.testing.assert_allclose(model.sequence.predict(X, S), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(model.sequence.predict(X[:3], S[:3]), expected[:3], rtol=0,
+                               atol=1e-5)
 
 
 def test_explain_names_the_strongest_features(model, batch) -> None:

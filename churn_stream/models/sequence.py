@@ -1,8 +1,12 @@
 """The LSTM-GRU sequence model (Keras on TensorFlow), imported only where it is used.
 
 Importing TensorFlow takes seconds, so nothing imports it at module level: ``tensorflow()``
-loads and configures it on first use. Scoring goes through one traced graph (a ``tf.function``
-with a fixed input signature), about 30 times cheaper per call than ``model.predict``.
+loads and configures it on first use. Large batches are scored through one traced graph
+(a ``tf.function`` with a fixed input signature), about 30 times cheaper per call than
+``model.predict``. Small ones, a ``/predict`` request or a quiet micro-batch, run the same
+arithmetic in numpy (``Forward``) from the trained weights: a traced call still costs about
+2.6 ms for one row, numpy 0.7 ms; the two meet near 64 rows. The invariant tests hold
+numpy's scores to Keras'.
 """
 
 import logging
@@ -13,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +26,8 @@ TF_THREADS = 2
 SEQUENCE_PARAMS = {"lstm_units": 32, "gru_units": 16, "static_units": 32, "head_units": 16,
                    "learning_rate": 2e-3, "batch_size": 512, "max_epochs": 8, "patience": 2}
 CLIP_SIGMAS = 5.0
+FORWARD_MAX_ROWS = 32
+"""Batches up to this size are scored in numpy; larger ones through the traced graph."""
 
 _loaded: ModuleType | None = None
 _loading = threading.Lock()
@@ -65,19 +72,69 @@ class Scaling:
         return np.clip(shaped, -CLIP_SIGMAS, CLIP_SIGMAS).astype(np.float32)
 
 
+class Forward:
+    """The network of ``_network`` evaluated in numpy (float32) from its trained weights.
+
+    Keras' LSTM and GRU (``reset_after``, Keras' default) with tanh and the logistic sigmoid:
+    gates in Keras' order (LSTM i, f, c, o; GRU z, r, h). The input side of every step is
+    one matrix product over the whole sequence; only the recurrent product runs per day.
+    """
+
+    def __init__(self, network: Any) -> None:
+        weights = {layer.name: [np.asarray(w, dtype=np.float32) for w in layer.get_weights()]
+                   for layer in network.layers}
+        self.lstm, self.gru = weights["lstm"], weights["gru"]
+        self.static, self.head, self.churn = weights["static"], weights["head"], weights["churn"]
+
+    def __call__(self, sequences: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Churn probability of each row, as float32."""
+        kernel, recurrent, bias = self.lstm
+        inputs = sequences @ kernel + bias
+        n, days, _ = inputs.shape
+        h = np.zeros((n, recurrent.shape[0]), np.float32)
+        c = np.zeros_like(h)
+        states = np.empty((n, days, h.shape[1]), np.float32)
+        u = h.shape[1]
+        for day in range(days):
+            gates = inputs[:, day] + h @ recurrent
+            sigmoid = expit(gates)
+            c = sigmoid[:, u:2 * u] * c + sigmoid[:, :u] * np.tanh(gates[:, 2 * u:3 * u])
+            h = sigmoid[:, 3 * u:] * np.tanh(c)
+            states[:, day] = h
+        kernel, recurrent, bias = self.gru
+        inputs = states @ kernel + bias[0]
+        h = np.zeros((n, recurrent.shape[0]), np.float32)
+        u = h.shape[1]
+        for day in range(days):
+            x, inner = inputs[:, day], h @ recurrent + bias[1]
+            z_r = expit(x[:, :2 * u] + inner[:, :2 * u])
+            z = z_r[:, :u]
+            h = z * h + (1 - z) * np.tanh(x[:, 2 * u:] + z_r[:, u:] * inner[:, 2 * u:])
+        static = _dense(rows, self.static, relu=True)
+        joined = _dense(np.concatenate([h, static], axis=1), self.head, relu=True)
+        return expit(_dense(joined, self.churn, relu=False))[:, 0]
+
+
+def _dense(x: np.ndarray, weights: list[np.ndarray], relu: bool) -> np.ndarray:
+    kernel, bias = weights
+    out = x @ kernel + bias
+    return np.maximum(out, 0) if relu else out
+
+
 class SequenceModel:
     """A fitted LSTM-GRU network over the daily sequence plus the static features."""
 
     def __init__(self, network: Any, static: Scaling, sequence: Scaling) -> None:
         tf = tensorflow()
         self.network, self.static, self.sequence = network, static, sequence
+        self.forward = Forward(network)
         _, days, channels = network.inputs[0].shape
         features = network.inputs[1].shape[1]
         signature = [tf.TensorSpec([None, days, channels], tf.float32),
                      tf.TensorSpec([None, features], tf.float32)]
         # Calling the traced graph directly skips tf.function's dispatch: 2.9 ms for one row
         # against 3.6 ms, and a p99 of 3.4 ms against 13 ms on this box.
-        self._forward = tf.function(self._call).get_concrete_function(*signature)
+        self._traced = tf.function(self._call).get_concrete_function(*signature)
         self._constant = tf.constant
 
     def _call(self, sequences: Any, rows: Any) -> Any:
@@ -87,8 +144,15 @@ class SequenceModel:
         """Churn probability of each row; safe to call from several threads."""
         if len(X) == 0:
             return np.zeros(0)
-        out = self._forward(self._constant(self.sequence.apply(S)),
-                            self._constant(self.static.apply(X)))
+        sequences, rows = self.sequence.apply(S), self.static.apply(X)
+        if len(X) <= FORWARD_MAX_ROWS:
+            return self.forward(sequences, rows).astype(np.float64)
+        out = self._traced(self._constant(sequences), self._constant(rows))
+        return np.asarray(out, dtype=np.float64)[:, 0]
+
+    def predict_keras(self, X: np.ndarray, S: np.ndarray) -> np.ndarray:
+        """The same through Keras itself (slow): what ``predict`` is checked against."""
+        out = self.network([self.sequence.apply(S), self.static.apply(X)], training=False)
         return np.asarray(out, dtype=np.float64)[:, 0]
 
 
@@ -96,12 +160,13 @@ def _network(keras: Any, days: int, channels: int, features: int) -> Any:
     p = SEQUENCE_PARAMS
     sequences = keras.Input((days, channels), name="daily_activity")
     rows = keras.Input((features,), name="static_features")
-    recurrent = keras.layers.LSTM(p["lstm_units"], return_sequences=True)(sequences)
-    recurrent = keras.layers.GRU(p["gru_units"])(recurrent)
-    static = keras.layers.Dense(p["static_units"], activation="relu")(rows)
+    # Forward reads the weights by these layer names.
+    recurrent = keras.layers.LSTM(p["lstm_units"], return_sequences=True, name="lstm")(sequences)
+    recurrent = keras.layers.GRU(p["gru_units"], name="gru")(recurrent)
+    static = keras.layers.Dense(p["static_units"], activation="relu", name="static")(rows)
     joined = keras.layers.Concatenate()([recurrent, static])
-    joined = keras.layers.Dense(p["head_units"], activation="relu")(joined)
-    churn = keras.layers.Dense(1, activation="sigmoid")(joined)
+    joined = keras.layers.Dense(p["head_units"], activation="relu", name="head")(joined)
+    churn = keras.layers.Dense(1, activation="sigmoid", name="churn")(joined)
     return keras.Model([sequences, rows], churn)
 
 
