@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger(__name__)
 
@@ -65,37 +66,48 @@ class Serving(Protocol):
     def health(self) -> HealthOut: ...
     def model_out(self) -> ModelOut | None: ...
     def predict_now(self, user_id: str) -> PredictionOut | None: ...
+    def predict_held(self, user_id: str) -> PredictionOut | None: ...
 
 
 def create_app(serving: Serving) -> FastAPI:
-    """The FastAPI application over ``serving``."""
+    """The FastAPI application over ``serving``.
+
+    The handlers are ``async`` although scoring is CPU work: a user held in memory is scored
+    on the server's event loop instead of hopping to a worker thread and back, which cost
+    2-5 ms a request here (a /predict p50 of 11.2 ms against 5.8 ms). A score takes a few
+    milliseconds and holds the GIL most of that time wherever it runs, so a worker thread
+    would not let the loop do more meanwhile. Only a user who must be read from the database
+    goes to a worker thread, so that a slow query never stalls ``/health`` or ``/metrics``.
+    """
     app = FastAPI(title="churn-stream predictor", version="1")
 
     @app.get("/health", response_model=HealthOut)
-    def health(response: Response) -> HealthOut:
+    async def health(response: Response) -> HealthOut:
         state = serving.health()
         if state.model_version is None:
             response.status_code = 503
         return state
 
     @app.get("/model", response_model=ModelOut)
-    def model() -> ModelOut:
+    async def model() -> ModelOut:
         described = serving.model_out()
         if described is None:
             raise HTTPException(503, "no model yet: the first training run has not finished")
         return described
 
     @app.get("/predict/{user_id}", response_model=PredictionOut)
-    def predict(user_id: str) -> PredictionOut:
+    async def predict(user_id: str) -> PredictionOut:
         if serving.model_out() is None:
             raise HTTPException(503, "no model yet: the first training run has not finished")
-        prediction = serving.predict_now(user_id)
+        prediction = serving.predict_held(user_id)
+        if prediction is None:
+            prediction = await run_in_threadpool(serving.predict_now, user_id)
         if prediction is None:
             raise HTTPException(404, f"unknown user {user_id!r}: no events seen or stored")
         return prediction
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

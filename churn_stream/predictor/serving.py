@@ -56,11 +56,24 @@ class Serving:
         )
 
     def predict_now(self, user_id: str) -> PredictionOut | None:
-        """``user_id``'s score as of the stream's clock; None if the user is unknown."""
+        """``user_id``'s score as of the stream's clock; None if the user is unknown.
+
+        A user this instance does not hold is read from the database.
+        """
+        return self._predict(user_id, held_only=False)
+
+    def predict_held(self, user_id: str) -> PredictionOut | None:
+        """``user_id``'s score if this instance holds their state; None otherwise (no I/O)."""
+        return self._predict(user_id, held_only=True)
+
+    def _predict(self, user_id: str, held_only: bool) -> PredictionOut | None:
         model = self.holder.current
         if model is None:
             return None
-        found = self.state.lookup(user_id, model.space)
+        if held_only:
+            found = self.state.held(user_id, model.space)
+        else:
+            found = self.state.lookup(user_id, model.space)
         if found is None:
             return None
         rows, sequences = found

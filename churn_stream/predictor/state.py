@@ -76,16 +76,24 @@ class UserState:
         """The stream's clock, or the wall clock before any event arrived."""
         return self.clock or datetime.now(UTC)
 
+    def held(self, user_id: str, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray] | None:
+        """One user's features now if this instance holds their state (no I/O); else None."""
+        as_of = self.now()
+        with self.lock:
+            if user_id in self.store:
+                return self.store.matrix([user_id], as_of, space)
+        return None
+
     def lookup(self, user_id: str, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray] | None:
         """One user's features now: from the store, else from stored history; None if unknown.
 
         A user read from the database is not added to the store: their partition may belong
         to another instance.
         """
+        held = self.held(user_id, space)
+        if held is not None:
+            return held
         as_of = self.now()
-        with self.lock:
-            if user_id in self.store:
-                return self.store.matrix([user_id], as_of, space)
         past = self._history([user_id])
         if past.empty:
             return None
