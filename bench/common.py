@@ -114,13 +114,16 @@ class Sizes:
     memory_runs: int = 1
     """The state's size follows from the users and the vocabulary alone: one run is exact."""
     ingest_events: int = 200_000
+    first_run_users: int | None = None
+    """``PREDICTOR_FIRST_RUN_USERS`` of the cold start; None keeps the setting's default."""
 
     @classmethod
     def smoke(cls) -> "Sizes":
         return cls(runs=1, throughput_events=600, naive_events=3, naive_warmup_events=1,
                    offered_rate=200.0, latency_s=3.0, warmup_s=0.5, predict_requests=30,
                    retrain_before_s=2.0, retrain_max_s=240.0, memory_users=(2_000,),
-                   memory_events_per_user=4, memory_runs=1, ingest_events=2_000)
+                   memory_events_per_user=4, memory_runs=1, ingest_events=2_000,
+                   first_run_users=200)
 
 
 class Context:

@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     """
     predictor_train_retry_s: float = Field(5.0, gt=0)
     """While there is too little labelled history to train, how often the predictor retries."""
+    predictor_first_run_users: int = Field(1000, ge=0)
+    """Users (a seeded sample) the predictor's first training run reads, so that it serves
+    within seconds of a start; a full-size run (reason ``warm-up``) follows at once in the
+    background and replaces that model through the usual promotion. 0, or as many as a full
+    run reads (5,000), makes the first run full size."""
     predictor_http_host: str = "127.0.0.1"
     """Interface the predictor's HTTP API (health, model, predict, metrics) binds."""
     promotion_tolerance: float = Field(0.01, ge=0)

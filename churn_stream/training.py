@@ -133,12 +133,14 @@ def train(
     engine: sa.Engine, version: str, *, holdout_share: float = 0.2,
     progress: Progress | None = None, failure_injection: FailureInjection = None,
     policy: LabelPolicy | None = None, seed: int = 0, max_users: int | None = MAX_USERS,
+    max_examples: int = MAX_EXAMPLES,
 ) -> ChurnModel:
     """Train the three models and the blend from the database; raises ``NotEnoughData``
     while there is too little labelled history and ``TrainingFailed`` if the run fails.
 
     With more than ``max_users`` users stored, a seeded sample of them is read: training
-    time then stays bounded however long the service has run.
+    time then stays bounded however long the service has run. The model's ``details`` say
+    how many users were read (``users``) and whether they were a sample (``sampled``).
     """
     run = Run(version, progress, failure_injection)
     # TensorFlow takes seconds to import; let that overlap with reading the database.
@@ -146,11 +148,12 @@ def train(
     with _failures(run), run.stage("load"):
         sample = sample_users(engine, max_users, seed) if max_users else None
         history, feedback = load_history(engine, user_ids=sample), load_feedback(engine)
+    users = int(history["user_id"].nunique()) if len(history) else 0
     log.info("training run %s: %d events of %d users%s, %d outcomes reported", version,
-             len(history), history["user_id"].nunique() if len(history) else 0,
-             " (a sample)" if sample else "", len(feedback))
-    return train_from_history(history, feedback, version, holdout_share=holdout_share,
-                              policy=policy, seed=seed, run=run)
+             len(history), users, " (a sample)" if sample else "", len(feedback))
+    model = train_from_history(history, feedback, version, holdout_share=holdout_share,
+                               policy=policy, seed=seed, max_examples=max_examples, run=run)
+    return replace(model, details={**model.details, "users": users, "sampled": bool(sample)})
 
 
 def _import_tensorflow() -> None:

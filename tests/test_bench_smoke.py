@@ -84,7 +84,10 @@ def test_latency_during_a_retrain(ctx: Context) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cold_start(ctx: Context) -> None:
-    check(cold_start.run(ctx), 1)
+    figures = cold_start.run(ctx)
+    check(figures, 1)
+    assert "on 200 users (a sample)" in figures[0].notes[0]
+    assert "(1 of 1 promoted)" in figures[0].notes[0]
 
 
 def test_results_document_names_the_machine(tmp_path: Path) -> None:

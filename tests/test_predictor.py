@@ -16,12 +16,15 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from churn_stream import storage
 from churn_stream.control import RetrainCommand, publish_command
+from churn_stream.errors import NotEnoughData
 from churn_stream.events import Event
 from churn_stream.features import FeatureSpace, FeatureStore
 from churn_stream.kafka_io import make_consumer, make_producer
+from churn_stream.models import ChurnModel
 from churn_stream.predictor import runs
 from churn_stream.predictor.batching import Received, collect, parse_batch
 from churn_stream.predictor.retrain import ModelHolder, Retrainer
+from churn_stream.predictor.service import Predictor
 from churn_stream.predictor.state import UserState
 from churn_stream.settings import Settings
 from churn_stream.simulator import Simulator
@@ -159,6 +162,52 @@ def test_a_model_no_better_than_chance_is_never_served(engine: sa.Engine) -> Non
                                 .order_by(storage.model_runs.c.id)).all()
     assert [promoted for promoted, _ in recorded] == [False, True]
     assert "not served" in recorded[0][1] and recorded[1][1] is None
+
+
+@pytest.mark.timeout(60)
+def test_a_smaller_first_run_is_followed_by_a_full_one_under_the_same_checks(
+    engine: sa.Engine,
+) -> None:
+    fitted, _ = trained_model()
+    sizes: list[int | None] = []
+    results: list[float | Exception] = [0.55, 0.93, NotEnoughData("7 churned"), 0.93, 0.94]
+
+    def train(_engine, version, *, failure_injection=None, max_users=None):
+        sizes.append(max_users)
+        result = RuntimeError("injected") if failure_injection == "raise" else results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        blend = {**fitted.metrics["blend"], "roc_auc": result}
+        return dataclasses.replace(
+            fitted, version=version, metrics={**fitted.metrics, "blend": blend},
+            details={**fitted.details, "users": max_users or 300, "sampled": bool(max_users)})
+
+    def start(failure_injection: str | None = None) -> tuple[Retrainer, ChurnModel | None]:
+        retrainer = Retrainer(engine, "host-1", ModelHolder(), train,
+                              judge=lambda c, s: (1.0, 0.0), min_roc_auc=0.6,
+                              failure_injection=failure_injection, first_run_users=100)
+        served = retrainer.train_initial(threading.Event(), retry_s=60)
+        retrainer.wait(30)
+        return retrainer, served
+
+    # The sample scores below the floor, or holds too few churners: the next start run
+    # follows at once (no 60 s retry wait) and reads as many users as any run; with a
+    # full-size model serving, nothing follows.
+    for _ in range(2):
+        retrainer, served = start()
+        assert sizes[-2:] == [100, None] and served.details["users"] == 300
+        assert len(retrainer.outcomes) == 2
+    # The small model serves; the full-size run that follows fails, and it keeps serving.
+    retrainer, small = start(failure_injection="raise")
+    assert sizes[-2:] == [100, None] and retrainer.holder.current.version == small.version
+
+    recorded = [(r["reason"], r["promoted"], (r["error"] or "")[:31]) for r in model_runs(engine)]
+    assert recorded == [
+        ("start", False, "holdout ROC-AUC 0.5500 is below"), ("start", True, ""),
+        ("start", True, ""),  # its first attempt waited for data, in the same row
+        ("start", True, ""), ("warm-up", False, "RuntimeError: injected")]
+    details = model_runs(engine)[3]["metrics"]["details"]
+    assert (details["users"], details["sampled"]) == (100, True) and not results
 
 
 def test_version_numbers() -> None:
@@ -317,6 +366,45 @@ def test_predictor_scores_every_user_and_a_failing_retrain_leaves_the_model_serv
     assert "predictor stopped after" in output
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_first_model_from_a_small_sample_is_replaced_by_a_full_size_one(
+    predictor_settings: Settings, engine: sa.Engine
+) -> None:
+    settings = predictor_settings
+    past, live = split_history()
+    storage.write_events(engine, past, datetime.now(UTC))
+    stored_users = len({e.user_id for e in past})
+    process = start_service("predictor.py", settings, PREDICTOR_FIRST_RUN_USERS="200")
+    api = f"http://127.0.0.1:{settings.predictor_port}"
+    output = ""
+    try:
+        assert wait_until(lambda: len(model_runs(engine)) == 2
+                          and model_runs(engine)[1]["error"] != runs.UNFINISHED, 240)
+        first, full = model_runs(engine)
+        assert (first["reason"], first["promoted"], first["error"]) == ("start", True, None)
+        assert (full["reason"], full["promoted"], full["error"]) == ("warm-up", True, None)
+        assert first["metrics"]["details"]["users"] == 200
+        assert first["metrics"]["details"]["sampled"] is True
+        assert full["metrics"]["details"]["users"] == stored_users > 200
+        assert full["metrics"]["details"]["sampled"] is False
+        assert full["rows"] > first["rows"]
+        for run in (first, full):
+            assert run["metrics"]["models"]["blend"]["roc_auc"] >= settings.min_serving_roc_auc
+        assert full["metrics"]["promotion"]["current_version"] == first["model_version"]
+
+        assert httpx.get(f"{api}/health").json()["model_version"] == full["model_version"]
+        send_events(settings, live[:200])
+        expected = {e.user_id for e in live[:200]}
+        assert wait_until(lambda: expected <= set(predicted_users(engine)), 60)
+        assert all(v == {full["model_version"]} for v in predicted_users(engine).values())
+    finally:
+        output = stop(process)
+        print(output[-20_000:])  # shown by pytest when the test fails
+    assert process.returncode == 0, output[-3000:]
+    assert "(reason warm-up) starts now in the background" in output
+
+
 @pytest.mark.timeout(60)
 def test_state_rebuilt_from_the_database_equals_state_fed_every_event(engine: sa.Engine) -> None:
     start = NOW - timedelta(days=12)
@@ -348,3 +436,26 @@ def test_state_rebuilt_from_the_database_equals_state_fed_every_event(engine: sa
     assert state.forget_partitions([partition]) == len(owned_there)
     assert not owned_there & set(state.partition_of)
     assert len(state.store) == len(users) - len(owned_there)
+
+
+@pytest.mark.timeout(60)
+def test_users_of_uncommitted_partitions_are_rebuilt_after_a_rebalance(engine) -> None:
+    """A batch applied to the state but not yet committed is delivered again after a
+    rebalance, even to this very instance: its users must be rebuilt, not counted twice."""
+    events = list(Simulator(12, NOW - timedelta(days=3), 3, seed=5).events())
+    state = UserState(FeatureStore(), engine)
+    state.apply([Received(e, partition=hash(e.user_id) % 3, timestamp_ms=0) for e in events])
+    predictor = Predictor(None, None, engine, state, None, None, None, "predictions",
+                          max_records=10, max_wait_ms=5, max_event_ahead_s=60.0,
+                          stopping=threading.Event())
+    predictor.on_assigned({0, 1, 2})
+    users_of = {p: {u for u, q in state.partition_of.items() if q == p} for p in range(3)}
+    assert all(users_of.values()), "every partition needs users for the check to mean much"
+
+    predictor.uncommitted = {1}  # partition 1's last batch is applied, not committed
+    predictor.on_revoked({0, 1, 2})
+    predictor.on_assigned({0, 1, 2})  # the same partitions come back
+
+    assert set(state.partition_of) == users_of[0] | users_of[2]
+    assert not users_of[1] & set(state.store.user_ids())
+    assert predictor.uncommitted == set() and predictor.replayed == set()

@@ -38,10 +38,13 @@ def instance_name() -> str:
 def make_retrainer(settings: Settings, engine: sa.Engine, instance: str,
                    holder: ModelHolder) -> Retrainer:
     """The retrainer with the project's training and promotion judge."""
+    first_run_users = settings.predictor_first_run_users
+    smaller = first_run_users if 0 < first_run_users < training.MAX_USERS else None
     return Retrainer(engine, instance, holder, train_with_reference, training.compare_on_holdout,
                      promotion_tolerance=settings.promotion_tolerance,
                      min_roc_auc=settings.min_serving_roc_auc,
-                     failure_injection=settings.retrain_failure_injection)
+                     failure_injection=settings.retrain_failure_injection,
+                     first_run_users=smaller)
 
 
 def make_drift_watch(settings: Settings, engine: sa.Engine, instance: str,

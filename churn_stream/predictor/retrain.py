@@ -10,6 +10,10 @@ trains while a backfill is still arriving sees users silent who are not: it scor
 The swap is one reference assignment, atomic for every reader. A run that fails, however it
 fails (an exception, a ``MemoryError``), is logged, counted and recorded, and the serving
 model keeps serving.
+
+The first run may read a smaller sample of users than the others (``first_run_users``), so
+that the predictor serves sooner after a start; a full-size run, reason ``warm-up``, then
+follows at once in the background and replaces that model like any retrain.
 """
 
 import logging
@@ -36,8 +40,11 @@ from churn_stream.predictor.metrics import (
 )
 
 log = logging.getLogger(__name__)
+WARM_UP = "warm-up"
+"""The reason of the full-size run that follows a smaller first run."""
 Train = Callable[..., ChurnModel]
-"""``training.train``'s shape: ``(engine, version, *, failure_injection=...) -> ChurnModel``."""
+"""``training.train``'s shape: ``(engine, version, *, failure_injection=..., max_users=...)
+-> ChurnModel``; ``max_users`` is passed only to a smaller first run."""
 Judge = Callable[[ChurnModel, ChurnModel], tuple[float, float]]
 """``(candidate, current) -> (candidate ROC-AUC, current ROC-AUC)`` on recent labelled data."""
 
@@ -100,7 +107,8 @@ class Retrainer:
 
     def __init__(self, engine: sa.Engine, instance: str, holder: ModelHolder, train: Train,
                  judge: Judge, promotion_tolerance: float = 0.01,
-                 failure_injection: str | None = None, min_roc_auc: float = 0.6) -> None:
+                 failure_injection: str | None = None, min_roc_auc: float = 0.6,
+                 first_run_users: int | None = None) -> None:
         self.engine = engine
         self.min_roc_auc = min_roc_auc
         self.instance = instance
@@ -109,6 +117,8 @@ class Retrainer:
         self.judge = judge
         self.promotion_tolerance = promotion_tolerance
         self.failure_injection = failure_injection
+        self.first_run_users = first_run_users
+        """Users the first run reads when it is to be smaller than a full run; None: full."""
         self.outcomes: list[RunOutcome] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -120,20 +130,42 @@ class Retrainer:
         """Train the first model, waiting while there is not enough labelled history.
 
         The waiting attempts share one ``model_runs`` row, whose error says what is missing.
-        Returns None only if a stop was asked for first.
+        The first attempt reads a sample of ``first_run_users`` (if set); a model learnt
+        from it is followed at once by a full-size run in the background (reason
+        ``warm-up``). Returns None only if a stop was asked for first.
         """
         opened: tuple[int, str] | None = None
+        max_users = self.first_run_users
         while not stopping.is_set():
             opened = opened or self._open("start")
             if opened is not None:
-                outcome = self._attempt(*opened, "start", record_no_data=False)
+                outcome = self._attempt(*opened, "start", record_no_data=False,
+                                        max_users=max_users)
                 if outcome.promoted:
+                    self._follow_small_run(max_users)
                     return self.holder.current
                 if not outcome.waiting:
                     opened = None  # that run failed and is recorded; the next is a new run
+                if max_users is not None:
+                    # A sample can hold too few churners, or score below the floor, where
+                    # all users would not: from now on the start run reads them all, at once.
+                    log.info("no model from a sample of %d users (%s); training on as many "
+                             "users as any run now", max_users, outcome.error)
+                    max_users = None
+                    continue
                 log.info("no model yet, %s; trying again in %.0f s", outcome.error, retry_s)
             stopping.wait(retry_s)
         return None
+
+    def _follow_small_run(self, max_users: int | None) -> None:
+        """Start the full-size run if the serving model learnt from the smaller sample."""
+        model = self.holder.current
+        if max_users is None or model is None or not model.details.get("sampled"):
+            return  # no smaller sample was read: the first model is already full size
+        log.info("model %s learnt from a sample of %s users; a full-size run (reason %s) "
+                 "starts now in the background", model.version, model.details.get("users"),
+                 WARM_UP)
+        self.request(WARM_UP)
 
     @property
     def running(self) -> bool:
@@ -184,13 +216,14 @@ class Retrainer:
             log.error("could not record a training run (%s); not training", exc)
             return None
 
-    def _attempt(self, run_id: int, version: str, reason: str,
-                 record_no_data: bool) -> RunOutcome:
+    def _attempt(self, run_id: int, version: str, reason: str, record_no_data: bool,
+                 max_users: int | None = None) -> RunOutcome:
         self.last_started_s = started = time.monotonic()
-        log.info("training run %s started (reason %s)", version, reason)
+        log.info("training run %s started (reason %s%s)", version, reason,
+                 f", at most {max_users} users" if max_users else "")
         rows, metrics, promoted, error, waiting = 0, {}, False, None, False
         try:
-            candidate = self._train(version, reason)
+            candidate = self._train(version, reason, max_users)
             rows, metrics = candidate.rows, self._metrics(candidate)
             promoted, error = self._consider(candidate, reason, metrics)
         except NotEnoughData as exc:
@@ -209,13 +242,15 @@ class Retrainer:
         self.outcomes.append(outcome)
         return outcome
 
-    def _train(self, version: str, reason: str) -> ChurnModel:
+    def _train(self, version: str, reason: str, max_users: int | None) -> ChurnModel:
         # The injected failure hits retrains only, so that a test starts with a model.
         injection = self.failure_injection if reason != "start" else None
-        return self.train(self.engine, version, failure_injection=injection)
+        size = {"max_users": max_users} if max_users else {}
+        return self.train(self.engine, version, failure_injection=injection, **size)
 
     def _metrics(self, candidate: ChurnModel) -> dict[str, Any]:
-        return {"models": candidate.metrics, "weights": candidate.weights}
+        return {"models": candidate.metrics, "weights": candidate.weights,
+                "details": candidate.details}
 
     def _consider(self, candidate: ChurnModel, reason: str,
                   metrics: dict[str, Any]) -> tuple[bool, str | None]:
