@@ -110,6 +110,7 @@ def predictor(settings: Settings, model: Any, store: FeatureStore | None = None,
         consumer, make_producer(settings.bootstrap_servers), engine, state, holder, retrainer,
         drift, settings.topic_predictions, max_records=settings.predictor_batch_max_records,
         max_wait_ms=settings.predictor_batch_max_wait_ms,
+        commit_every_s=settings.predictor_commit_interval_ms / 1000,
         max_event_ahead_s=settings.max_event_ahead_s, stopping=stopping)
     running = RunningPredictor(predictor, consumer, state, holder, retrainer, engine, stopping)
     if not drift_retrains:

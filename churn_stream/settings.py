@@ -141,6 +141,9 @@ class Settings(BaseSettings):
     adds latency without adding throughput (bench/latency.py at 2,000 events/s: p50 136 ms
     and p99 over 1 s with 50 ms, p50 85 ms and p99 235 ms with 5 ms, same loaded box).
     """
+    predictor_commit_interval_ms: int = Field(100, ge=0)
+    """How often the predictor flushes its predictions to the broker and then commits its
+    offsets (0: after every micro-batch). A crash replays at most this much of the stream."""
     predictor_train_retry_s: float = Field(5.0, gt=0)
     """While there is too little labelled history to train, how often the predictor retries."""
     predictor_first_run_users: int = Field(1000, ge=0)

@@ -99,6 +99,7 @@ def consume(settings: Settings, engine: sa.Engine, state: UserState, holder: Mod
         make_drift_watch(settings, engine, instance, retrainer), settings.topic_predictions,
         max_records=settings.predictor_batch_max_records,
         max_wait_ms=settings.predictor_batch_max_wait_ms,
+        commit_every_s=settings.predictor_commit_interval_ms / 1000,
         max_event_ahead_s=settings.max_event_ahead_s, stopping=stopping,
     )
     predictor.control_poll = control.poll
