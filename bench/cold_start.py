@@ -94,8 +94,8 @@ def start_once(ctx: Context, number: int) -> ColdStart:
     """One start of ``predictor.py``, until its first prediction and its full-size model."""
     ctx.clear_predictions()
     first_run = ctx.sizes.first_run_users
-    settings = ctx.settings(predictor_port=free_port(),
-                            **({"predictor_first_run_users": first_run} if first_run else {}))
+    size = {} if first_run is None else {"predictor_first_run_users": first_run}
+    settings = ctx.settings(predictor_port=free_port(), **size)
     prefill(ctx.bootstrap_servers, settings.topic_activity,
             stream_values(ctx.dataset, EVENTS_WAITING))
     engine = ctx.engine()
