@@ -34,6 +34,7 @@ def main() -> None:
         settings.topic_dead_letter,
         settings.max_event_ahead_s,
         settings.batch_max_wait_ms,
+        settings.batch_max_records,
     )
     ingestor.stopping = stopping
     log.info("consumer started: %s -> user_activity", settings.topic_activity)

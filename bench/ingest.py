@@ -69,7 +69,8 @@ def ingest_run(ctx: Context, topic: str, count: int, number: int) -> float:
                       max_poll_records=settings.batch_max_records), stopping, expected=count)
     producer = make_producer(settings.bootstrap_servers)
     ingestor = ActivityIngestor(consumer, producer, engine, settings.topic_dead_letter,
-                                settings.max_event_ahead_s, settings.batch_max_wait_ms)
+                                settings.max_event_ahead_s, settings.batch_max_wait_ms,
+                                settings.batch_max_records)
     ingestor.stopping = stopping
     watchdog = threading.Timer(RUN_TIMEOUT_S, stopping.set)
     watchdog.start()

@@ -3,10 +3,17 @@
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (
@@ -125,8 +132,10 @@ MEMBERSHIP_LOST = (
 )
 
 
-def commit_offsets(consumer: KafkaConsumer, stopping: threading.Event) -> bool:
-    """Commit the consumed offsets, retrying while the broker is away; returns whether it did.
+def commit_offsets(consumer: KafkaConsumer, stopping: threading.Event,
+                   offsets: Mapping[TopicPartition, int] | None = None) -> bool:
+    """Commit the consumed offsets (or ``offsets``, the next offset to read of each partition),
+    retrying while the broker is away; returns whether it did.
 
     Callers commit only after their writes are durable, so an offset left uncommitted costs
     a redelivery, never a loss. kafka-python's ``commit`` raises after ~30 s without a
@@ -143,8 +152,10 @@ def commit_offsets(consumer: KafkaConsumer, stopping: threading.Event) -> bool:
             else None),
         reraise=True,
     )
+    chosen = None if offsets is None else {
+        partition: OffsetAndMetadata(offset, "", -1) for partition, offset in offsets.items()}
     try:
-        retrying(consumer.commit)
+        retrying(consumer.commit, chosen)
         return True
     except MEMBERSHIP_LOST as exc:
         log.warning("offsets not committed, the group rebalanced (%s): records since the last "

@@ -74,6 +74,23 @@ def test_the_sqlite_fast_path_stores_what_the_column_types_would(tmp_path) -> No
     assert len(raw(fast)) == 3
 
 
+def test_a_record_gives_other_databases_the_row_an_event_gives() -> None:
+    # SQL Server is written through the column types from records, as from events before.
+    events = [
+        Event(user_id="u1", event_type="login", ts=datetime(2026, 6, 1, 12, 0, tzinfo=UTC)),
+        Event(user_id="ü2", event_type="purchase",
+              ts=datetime(2001, 1, 1, 0, 30, 5, 120, tzinfo=timezone(timedelta(hours=2))),
+              numeric={"amount": 12.5, "items": 3.0, "tiny": 1e-300},
+              categorical={"plan": 'b"ä\\sic\n'}),
+    ]
+    ingested = datetime(2026, 6, 1, 15, 0, 0, 5, tzinfo=UTC)
+    for event in events:
+        row = storage.record_row(storage.event_record(event), ingested)
+        assert row == storage.event_row(event, ingested)
+        assert [type(v) for v in row.values()] == [
+            type(v) for v in storage.event_row(event, ingested).values()]
+
+
 def test_rows_keep_their_values(engine) -> None:
     event = Event(
         user_id="u9",
