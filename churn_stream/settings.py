@@ -88,8 +88,13 @@ class Settings(BaseSettings):
     risk_threshold: float = Field(0.5, gt=0, lt=1)
     """Score from which the dashboard counts a user as high risk (its starting value)."""
 
-    batch_max_records: int = Field(2000, ge=1)
-    """Most records written to the database in one transaction."""
+    batch_max_records: int = Field(5000, ge=1)
+    """Most records the consumer takes in one poll and writes in one transaction.
+
+    Larger transactions cost less per event: a batch dirties scattered index pages and the
+    commit writes each once (bench/ingest.py, same box, medians of three: 26,900 events/s
+    with 2,000, 37,300 with 5,000). A crash replays up to two batches, stored once.
+    """
     batch_max_wait_ms: int = Field(500, ge=1)
     """Longest a record waits in a partly filled batch."""
     max_event_ahead_s: float = 86_400.0
