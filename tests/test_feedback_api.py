@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -366,6 +367,19 @@ def test_predictions_and_users_at_risk(client: TestClient, engine: sa.Engine) ->
     assert [(u["user_id"], u["score"]) for u in at_risk] == [("a", 0.9), ("c", 0.6)]
     top = client.get("/users/at-risk", params={"threshold": 0.0, "limit": 2}).json()
     assert [u["user_id"] for u in top] == ["a", "c"]
+
+
+@pytest.mark.parametrize("user_id", ["user/with/slash", "/leading", "a//b", "at-risk", "x?y#z"])
+def test_any_user_id_round_trips_through_predictions(
+    client: TestClient, engine: sa.Engine, user_id: str
+) -> None:
+    add_predictions(engine, [(user_id, "2025-01-02T10:00:00", 0.7)])
+    response = client.get(f"/predictions/{quote(user_id, safe='')}")
+    assert response.status_code == 200, response.text
+    assert response.json()["user_id"] == user_id
+    assert client.get("/users/at-risk").json()[0]["user_id"] == user_id
+    metrics = client.get("/metrics").text
+    assert 'route="/predictions/{user_id}",status="200"' in metrics
 
 
 def test_health_and_metrics(client: TestClient) -> None:

@@ -131,7 +131,7 @@ async def _count_requests(
         return response
     finally:
         # The route template, never the raw path: user ids must not become label values.
-        route = getattr(request.scope.get("route"), "path", "unmatched")
+        route = getattr(request.scope.get("route"), "path_format", "unmatched")
         method = request.method if request.method in KNOWN_METHODS else "OTHER"
         REQUESTS.labels(method, route, str(code)).inc()
         REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - started)

@@ -23,7 +23,8 @@ def _prediction(row: Any) -> PredictionOut:
 
 
 @router.get(
-    "/predictions/{user_id}",
+    # ``:path`` lets a user id hold "/" (sent as %2F, which the server decodes before routing).
+    "/predictions/{user_id:path}",
     responses={404: {"model": Problem, "description": "No score stored for this user"}},
 )
 def user_predictions(

@@ -95,7 +95,8 @@ def create_app(serving: Serving) -> FastAPI:
             raise HTTPException(503, "no model yet: the first training run has not finished")
         return described
 
-    @app.get("/predict/{user_id}", response_model=PredictionOut)
+    # ``:path`` lets a user id hold "/" (sent as %2F, which the server decodes before routing).
+    @app.get("/predict/{user_id:path}", response_model=PredictionOut)
     async def predict(user_id: str) -> PredictionOut:
         if serving.model_out() is None:
             raise HTTPException(503, "no model yet: the first training run has not finished")
