@@ -8,6 +8,7 @@ latest profile attributes.
 
 import json
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID, uuid4
@@ -44,9 +45,39 @@ since 2000, and a stray 1970 stretches a training run over half a century."""
 MAX_ABS_NUMBER = 1e15
 """Larger numeric properties are refused: they overflow the feature store's float32 sums."""
 
+MAX_USER_ID_CHARS = 128
+SHOWN_USER_ID_CHARS = 40
+"""Most characters of a user id that an error message repeats."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_user_id(value: str) -> str:
+    """Refuse control characters and text no UTF-8 can hold."""
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry as "\ud800"
+        raise ValueError("must be valid UTF-8 text") from None
+    return value
+
+
+def shown_user_id(value: str) -> str:
+    """``value`` quoted for a message, cut to ``SHOWN_USER_ID_CHARS`` with its length said.
+
+    >>> shown_user_id("u" * 50)
+    "'uuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuuu'... (50 chars)"
+    """
+    if len(value) <= SHOWN_USER_ID_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_USER_ID_CHARS]!r}... ({len(value)} chars)"
+
+
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,47}$")]
-UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128,
-                                          pattern=r"^[^\x00-\x1f\x7f]+$")]
+UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
+                                          max_length=MAX_USER_ID_CHARS),
+                   AfterValidator(check_user_id)]
+"""A user id as every part of the stack takes it (events, feedback, the read APIs)."""
 
 
 def _finite(value: float) -> float:

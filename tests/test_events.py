@@ -64,6 +64,7 @@ def test_a_valid_event_round_trips_and_is_normalised_to_utc() -> None:
         (json.dumps(good(numeric={"amount": True})).encode(), "invalid_field"),
         (json.dumps(good(numeric={"amount": 1e308})).encode(), "invalid_field"),
         (json.dumps(good(user_id="u\x00")).encode(), "invalid_field"),
+        (json.dumps(good(user_id="u\x1b[2J")).encode(), "invalid_field"),
         (b"", "empty"),
         (b"{" + b" " * MAX_PAYLOAD_BYTES + b"}", "too_large"),
     ],

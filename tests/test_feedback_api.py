@@ -18,15 +18,16 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from kafka import KafkaConsumer
 from prometheus_client import REGISTRY
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
 from churn_stream import storage
 from churn_stream.api import create_app
-from churn_stream.api.schemas import MAX_BATCH_ITEMS
+from churn_stream.api.schemas import MAX_BATCH_ITEMS, FeedbackIn
 from churn_stream.broker import EmbeddedBroker
 from churn_stream.errors import ConfigurationError
+from churn_stream.events import Event
 from churn_stream.kafka_io import create_topics
 from churn_stream.outbox import OutboxPublisher, pending_count
 from churn_stream.settings import Settings
@@ -115,6 +116,9 @@ BAD_BODIES = {
     "unknown field": ('{"user_id": "u1", "churned": true, "score": 0.3}', "body.score"),
     "missing field": ('{"user_id": "u1"}', "body.churned"),
     "empty user": ('{"user_id": "  ", "churned": true}', "body.user_id"),
+    "NUL in user": ('{"user_id": "u\\u0000", "churned": true}', "body.user_id"),
+    "escape in user": ('{"user_id": "u\\u001b[31m", "churned": true}', "body.user_id"),
+    "129-char user": (json.dumps(outcome("u" * 129)), "body.user_id"),
     "wrong feedback_id": ('{"user_id": "u1", "churned": true, "feedback_id": "a b"}',
                           "body.feedback_id"),
 }
@@ -129,6 +133,34 @@ def test_bad_input_is_422_naming_the_field(
     assert fields_at_fault(response) == [field]
     assert field in response.json()["detail"]
     assert count_rows(engine, storage.feedback) == 0
+
+
+@pytest.mark.parametrize("user_id", ["u\x00", "u\x1f", "u\x7f", "\ud800", "u" * 129, ""])
+def test_feedback_user_ids_follow_the_event_rule(user_id: str) -> None:
+    with pytest.raises(ValidationError):
+        Event(user_id=user_id, event_type="login", ts=datetime.now(UTC))
+    with pytest.raises(ValidationError):
+        FeedbackIn(user_id=user_id, churned=True)
+
+
+@pytest.mark.parametrize("user_id", ["u1", "a b", "ünïcødé", "user/with/slash", "u" * 128])
+def test_user_ids_either_takes_are_kept_as_sent(user_id: str) -> None:
+    event = Event(user_id=user_id, event_type="login", ts=datetime.now(UTC))
+    assert FeedbackIn(user_id=user_id, churned=True).user_id == event.user_id == user_id
+    assert event.key() == user_id.encode()
+
+
+def test_user_id_reads_refuse_what_no_write_takes(client: TestClient) -> None:
+    for path in ("/predictions/u%00", "/feedback?user_id=u%1b"):
+        response = client.get(path)
+        assert response.status_code == 422, path
+        assert "control characters" in response.text
+
+
+def test_error_answers_quote_a_long_user_id_cut_short(client: TestClient) -> None:
+    response = client.get("/predictions/" + "x" * 128)
+    assert response.status_code == 404
+    assert len(response.json()["detail"]) < 100 and "(128 chars)" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("params,field", [

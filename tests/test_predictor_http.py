@@ -52,3 +52,6 @@ def test_other_routes_are_not_shadowed_and_unknown_users_are_404(api: TestClient
     assert api.get("/model").json()["version"] == "sim-1"
     assert "model_prediction_latency_seconds" in api.get("/metrics").text
     assert api.get("/predict/nobody%2Fhere").status_code == 404
+    refused = api.get("/predict/" + "x" * 5000)
+    assert refused.status_code == 404 and "(5000 chars)" in refused.json()["detail"]
+    assert len(refused.json()["detail"]) < 100

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from churn_stream import storage
 from churn_stream.api.feedback_routes import INVALID
 from churn_stream.api.schemas import AtRiskUser, PredictionOut, Problem, UserPredictions
+from churn_stream.events import UserId, shown_user_id
 
 router = APIRouter(tags=["predictions"], responses=INVALID)
 
@@ -29,7 +30,7 @@ def _prediction(row: Any) -> PredictionOut:
 )
 def user_predictions(
     request: Request,
-    user_id: Annotated[str, Path(min_length=1, max_length=128)],
+    user_id: Annotated[UserId, Path()],
     limit: Annotated[int, Query(ge=1, le=1000, description="Most history rows")] = 100,
 ) -> UserPredictions:
     """The user's latest score and their score history, newest first."""
@@ -43,7 +44,8 @@ def user_predictions(
     with request.app.state.engine.connect() as conn:
         history = [_prediction(row) for row in conn.execute(query)]
     if not history:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no score stored for {user_id}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            detail=f"no score stored for {shown_user_id(user_id)}")
     return UserPredictions(user_id=user_id, latest=history[0], history=history)
 
 

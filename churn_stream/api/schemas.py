@@ -1,7 +1,8 @@
 """Request and response bodies of the feedback API.
 
 Input models forbid unknown fields and coerce nothing: ``churned`` takes only JSON
-``true``/``false``, ``observed_at`` only an ISO 8601 string with a time zone. Each rule
+``true``/``false``, ``observed_at`` only an ISO 8601 string with a time zone, ``user_id``
+what an event's ``user_id`` takes (the one rule, ``churn_stream.events.UserId``). Each rule
 fails with a 422 that names the field.
 """
 
@@ -18,6 +19,8 @@ from pydantic import (
     StrictBool,
     StringConstraints,
 )
+
+from churn_stream.events import UserId
 
 MAX_BATCH_ITEMS = 1000
 """Most items in one ``POST /feedback/batch``."""
@@ -51,11 +54,6 @@ def _past_utc(value: datetime) -> datetime:
     return value
 
 
-UserId = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=128),
-    AfterValidator(_encodable),
-]
 FeedbackId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 Source = Annotated[
     str,

@@ -16,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from churn_stream.events import shown_user_id
+
 log = logging.getLogger(__name__)
 
 
@@ -104,7 +106,8 @@ def create_app(serving: Serving) -> FastAPI:
         if prediction is None:
             prediction = await run_in_threadpool(serving.predict_now, user_id)
         if prediction is None:
-            raise HTTPException(404, f"unknown user {user_id!r}: no events seen or stored")
+            raise HTTPException(
+                404, f"unknown user {shown_user_id(user_id)}: no events seen or stored")
         return prediction
 
     @app.get("/metrics")
