@@ -52,9 +52,16 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_user_id(value: str) -> str:
-    """Refuse control characters and text no UTF-8 can hold."""
+    """Refuse control characters, surrounding whitespace and text no UTF-8 can hold.
+
+    A user id is never rewritten: the id on the wire is the Kafka key, the stored value and
+    the one the APIs answer to. Stripping it instead would file a record keyed " u1" on
+    another partition than "u1" while storing both as "u1".
+    """
     if _CONTROL.search(value):
         raise ValueError("must not contain control characters")
+    if value != value.strip():
+        raise ValueError("must not begin or end with whitespace")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate, which JSON can carry as "\ud800"
@@ -74,8 +81,7 @@ def shown_user_id(value: str) -> str:
 
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,47}$")]
-UserId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1,
-                                          max_length=MAX_USER_ID_CHARS),
+UserId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_USER_ID_CHARS),
                    AfterValidator(check_user_id)]
 """A user id as every part of the stack takes it (events, feedback, the read APIs)."""
 

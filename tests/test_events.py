@@ -65,6 +65,9 @@ def test_a_valid_event_round_trips_and_is_normalised_to_utc() -> None:
         (json.dumps(good(numeric={"amount": 1e308})).encode(), "invalid_field"),
         (json.dumps(good(user_id="u\x00")).encode(), "invalid_field"),
         (json.dumps(good(user_id="u\x1b[2J")).encode(), "invalid_field"),
+        # Stored as "u1" it would be keyed apart from u1's other events: refused, not stripped.
+        (json.dumps(good(user_id=" u1")).encode(), "invalid_field"),
+        (json.dumps(good(user_id="u1\n")).encode(), "invalid_field"),
         (b"", "empty"),
         (b"{" + b" " * MAX_PAYLOAD_BYTES + b"}", "too_large"),
     ],

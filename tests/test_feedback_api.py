@@ -118,6 +118,7 @@ BAD_BODIES = {
     "empty user": ('{"user_id": "  ", "churned": true}', "body.user_id"),
     "NUL in user": ('{"user_id": "u\\u0000", "churned": true}', "body.user_id"),
     "escape in user": ('{"user_id": "u\\u001b[31m", "churned": true}', "body.user_id"),
+    "user with a leading space": ('{"user_id": " u1", "churned": true}', "body.user_id"),
     "129-char user": (json.dumps(outcome("u" * 129)), "body.user_id"),
     "wrong feedback_id": ('{"user_id": "u1", "churned": true, "feedback_id": "a b"}',
                           "body.feedback_id"),
@@ -135,7 +136,8 @@ def test_bad_input_is_422_naming_the_field(
     assert count_rows(engine, storage.feedback) == 0
 
 
-@pytest.mark.parametrize("user_id", ["u\x00", "u\x1f", "u\x7f", "\ud800", "u" * 129, ""])
+@pytest.mark.parametrize("user_id", ["u\x00", "u\x1f", "u\x7f", " u1", "u1\t", "\u00a0u1",
+                                     "\ud800", "u" * 129, ""])
 def test_feedback_user_ids_follow_the_event_rule(user_id: str) -> None:
     with pytest.raises(ValidationError):
         Event(user_id=user_id, event_type="login", ts=datetime.now(UTC))
@@ -151,10 +153,10 @@ def test_user_ids_either_takes_are_kept_as_sent(user_id: str) -> None:
 
 
 def test_user_id_reads_refuse_what_no_write_takes(client: TestClient) -> None:
-    for path in ("/predictions/u%00", "/feedback?user_id=u%1b"):
+    for path in ("/predictions/u%00", "/predictions/%20u1", "/feedback?user_id=u%1b"):
         response = client.get(path)
         assert response.status_code == 422, path
-        assert "control characters" in response.text
+        assert "control characters" in response.text or "whitespace" in response.text
 
 
 def test_error_answers_quote_a_long_user_id_cut_short(client: TestClient) -> None:
