@@ -1,9 +1,9 @@
 """Latency while a retrain runs, against the same session before it started.
 
 One live session per run (see ``bench.live``): events offered at ``offered_rate``; after
-``retrain_before_s`` a background retrain (the real one: training from the database, the
-promotion judge) starts in the predictor's process, and the load goes on until it has ended.
-The p99 of predictions scored while it ran is compared with the p99 before it.
+``retrain_before_s`` a background retrain (the real one: training from the database in a
+process of its own, the promotion judge) starts in the predictor, and the load goes on until
+it has ended. The p99 of predictions scored while it ran is compared with the p99 before it.
 """
 
 import logging
@@ -60,13 +60,14 @@ def run(ctx: Context) -> list[Figure]:
 
 
 def _time_stages(running: Any, marks: list[tuple[float, str]]) -> None:
-    """Train as the predictor does, noting when each stage of the run starts."""
-    from churn_stream import training
+    """Train as the predictor does (in a process of its own), noting when each stage of the
+    run starts."""
+    from churn_stream.predictor.training_process import train_in_process
 
     def train(engine: Any, version: str, **kwargs: Any) -> Any:
-        return training.train(engine, version,
-                              progress=lambda stage, _done: marks.append((time.time(), stage)),
-                              **kwargs)
+        return train_in_process(
+            engine, version, progress=lambda stage, _done: marks.append((time.time(), stage)),
+            **kwargs)
 
     running.retrainer.train = train
 

@@ -176,6 +176,19 @@ def test_numpy_forward_pass_gives_keras_probabilities(model, batch) -> None:
                                atol=1e-5)
 
 
+def test_a_model_rebuilt_from_its_parts_scores_and_explains_exactly_the_same(model,
+                                                                             batch) -> None:
+    X, S = batch
+    rebuilt = ChurnModel.from_parts(model.parts())
+    assert rebuilt.forest.estimator is None  # built from node arrays, not the fitted object
+    for rows, sequences in ((X, S), (X[:1], S[:1])):  # numpy and traced paths alike
+        for name in SCORED:
+            np.testing.assert_array_equal(scores_of(rebuilt, rows, sequences, name),
+                                          scores_of(model, rows, sequences, name))
+    assert rebuilt.explain(X[0]) == model.explain(X[0])
+    assert rebuilt.version == model.version and rebuilt.weights == model.weights
+
+
 def test_explain_names_the_strongest_features(model, batch) -> None:
     top = model.explain(batch[0][0], top_k=5)
     assert len(top) == 5

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,6 +78,15 @@ class FeatureStore:
                 self._pair_index(pair)
             for key, _ in space.categories:
                 self._category_code(key, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state without its lock, so that a store can cross to another process."""
+        with self._lock:
+            return {name: value for name, value in vars(self).items() if name != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._slots)

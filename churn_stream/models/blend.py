@@ -2,7 +2,7 @@
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
@@ -90,6 +90,21 @@ class ChurnModel:
             raise ValueError(f"model {self.version} expects sequences of shape {shape}, "
                              f"got {S.shape}")
         return X, np.where(np.isfinite(S), S, 0.0).astype(np.float32)
+
+    def parts(self) -> dict[str, Any]:
+        """The whole bundle as plain data (arrays, buffers, the feature space, the metrics),
+        so that a model trained in one process can serve in another; nothing is written."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(forest=self.forest.parts(), boosted=self.boosted.parts(),
+                      sequence=self.sequence.parts())
+        return values
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, Any]) -> "ChurnModel":
+        """The model ``parts`` describes; it scores exactly as the one it came from."""
+        return cls(**{**parts, "forest": Forest.from_parts(parts["forest"]),
+                      "boosted": Boosted.from_parts(parts["boosted"]),
+                      "sequence": SequenceModel.from_parts(parts["sequence"])})
 
     def summary(self) -> dict[str, Any]:
         """What ``/model`` shows: identity, size, weights and holdout metrics."""

@@ -1,4 +1,9 @@
-"""Gradient-boosted trees (XGBoost), scored with ``inplace_predict`` and explained per row."""
+"""Gradient-boosted trees (XGBoost), scored with ``inplace_predict`` and explained per row.
+
+A fitted booster crosses between processes as XGBoost's own binary buffer, in memory.
+"""
+
+from typing import Any
 
 import numpy as np
 import xgboost as xgb
@@ -24,6 +29,16 @@ class Boosted:
 
     def __init__(self, booster: xgb.Booster) -> None:
         self.booster = booster
+
+    def parts(self) -> dict[str, Any]:
+        """The booster as plain data: XGBoost's UBJSON buffer (no file is written)."""
+        return {"raw": bytes(self.booster.save_raw("ubj"))}
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, Any]) -> "Boosted":
+        booster = xgb.Booster(params={"nthread": BOOSTED_PARAMS["nthread"]})
+        booster.load_model(bytearray(parts["raw"]))
+        return cls(booster)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Churn probability of each row; thread-safe (XGBoost predicts without shared state)."""

@@ -17,11 +17,11 @@ from churn_stream.kafka_io import ensure_topics, make_consumer, make_producer, s
 from churn_stream.predictor.commands import ControlListener
 from churn_stream.predictor.drift_watch import DriftWatch
 from churn_stream.predictor.http import HttpServer, create_app
-from churn_stream.predictor.reference import train_with_reference
 from churn_stream.predictor.retrain import ModelHolder, Retrainer
 from churn_stream.predictor.service import Predictor
 from churn_stream.predictor.serving import Serving
 from churn_stream.predictor.state import UserState
+from churn_stream.predictor.training_process import train_in_process
 from churn_stream.settings import Settings
 
 log = logging.getLogger("predictor")
@@ -40,7 +40,7 @@ def make_retrainer(settings: Settings, engine: sa.Engine, instance: str,
     """The retrainer with the project's training and promotion judge."""
     first_run_users = settings.predictor_first_run_users
     smaller = first_run_users if 0 < first_run_users < training.MAX_USERS else None
-    return Retrainer(engine, instance, holder, train_with_reference, training.compare_on_holdout,
+    return Retrainer(engine, instance, holder, train_in_process, training.compare_on_holdout,
                      promotion_tolerance=settings.promotion_tolerance,
                      min_roc_auc=settings.min_serving_roc_auc,
                      failure_injection=settings.retrain_failure_injection,

@@ -82,7 +82,8 @@ def serving_reference(engine: sa.Engine, model: ChurnModel, days: float = REFERE
 
 def train_with_reference(engine: sa.Engine, version: str, *,
                          failure_injection: training.FailureInjection = None,
-                         max_users: int = training.MAX_USERS) -> ChurnModel:
+                         max_users: int = training.MAX_USERS,
+                         progress: training.Progress | None = None) -> ChurnModel:
     """``training.train`` whose model carries the serving reference for drift.
 
     A run of fewer than ``training.MAX_USERS`` users (the predictor's smaller first run)
@@ -92,7 +93,10 @@ def train_with_reference(engine: sa.Engine, version: str, *,
     full = max_users >= training.MAX_USERS
     model = training.train(
         engine, version, failure_injection=failure_injection, max_users=max_users,
-        max_examples=training.MAX_EXAMPLES if full else FIRST_RUN_MAX_EXAMPLES)
+        max_examples=training.MAX_EXAMPLES if full else FIRST_RUN_MAX_EXAMPLES,
+        progress=progress)
+    if progress is not None:
+        progress("reference", 1.0)
     rows, scores = serving_reference(
         engine, model, max_users=REFERENCE_USERS if full else FIRST_RUN_REFERENCE_USERS,
         max_rows=REFERENCE_ROWS if full else FIRST_RUN_REFERENCE_ROWS)
