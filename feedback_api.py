@@ -14,6 +14,7 @@ import uvicorn
 from churn_stream.api import create_app
 from churn_stream.errors import ChurnStreamError, ConfigurationError
 from churn_stream.logs import configure_logging
+from churn_stream.runtime import refuse_to_start
 from churn_stream.settings import Settings, get_settings
 
 log = logging.getLogger("feedback_api")
@@ -43,9 +44,8 @@ def main() -> None:
     try:
         serve(get_settings())
     except ChurnStreamError as exc:
-        # A known failure (say, an exposed host without a key) is one line, not a traceback.
-        log.error("feedback API not started: %s", exc)
-        raise SystemExit(1) from None
+        # A known failure (a bad setting, an exposed host without a key) is one line.
+        refuse_to_start("feedback API", exc)
 
 
 def serve(settings: Settings) -> None:

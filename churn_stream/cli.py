@@ -114,7 +114,6 @@ def up(
 ) -> None:
     """Start the broker if needed, create topics and tables, run every service."""
     configure_logging()
-    settings = get_settings()
     producer_args = [f"--seed={seed}"]
     if replay is None:
         producer_args += [f"--users={users}", f"--backfill-days={backfill_days}", f"--rate={rate}"]
@@ -127,11 +126,12 @@ def up(
         if limit_users:
             producer_args.append(f"--limit-users={limit_users}")
     try:
+        settings = get_settings()
         if not keep_data:
             set_aside_previous_run(settings)
         failed = _up(settings, producer_args, duration)
     except ChurnStreamError as exc:
-        # A known failure (a taken port, no broker) is one line, not a traceback.
+        # A known failure (a bad setting, a taken port, no broker) is one line, not a traceback.
         log.error("%s", exc)
         raise typer.Exit(1) from None
     if failed:

@@ -1,15 +1,19 @@
 """Every setting of churn-stream, read in one place from the environment and ``.env``.
 
-An unset variable means the embedded default: a SQLite file under ``data/`` and a
-Kafka-protocol broker started on loopback. Production points ``KAFKA_BOOTSTRAP_SERVERS``
-at a real cluster and ``DATABASE_URL`` (or the ``MSSQL_*`` parts) at SQL Server.
+An unset variable, or one set to the empty string, means the embedded default: a SQLite
+file under ``data/`` and a Kafka-protocol broker started on loopback. Production points
+``KAFKA_BOOTSTRAP_SERVERS`` at a real cluster and ``DATABASE_URL`` (or the ``MSSQL_*``
+parts) at SQL Server. A value that does not validate stops a service with one log line.
 """
 
 from functools import lru_cache
 from pathlib import Path
+from typing import get_args
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from churn_stream.errors import ConfigurationError
 
 DATA_DIR = Path("data")
 
@@ -17,7 +21,8 @@ DATA_DIR = Path("data")
 class MssqlSettings(BaseSettings):
     """The parts of a SQL Server connection, assembled into a ``mssql+pyodbc://`` URL."""
 
-    model_config = SettingsConfigDict(env_prefix="MSSQL_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MSSQL_", env_file=".env", extra="ignore",
+                                      env_ignore_empty=True)
 
     host: str | None = None
     """Server host name; unset means SQL Server is not configured."""
@@ -54,7 +59,8 @@ class MssqlSettings(BaseSettings):
 class Settings(BaseSettings):
     """Settings shared by every service."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    # ``NAME=`` (in .env, or compose passing an unset variable through) means unset.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)
 
     kafka_bootstrap_servers: str | None = None
     """``host:port[,host:port]`` of a Kafka cluster; unset starts the embedded broker."""
@@ -245,5 +251,29 @@ def mask_url(url: str) -> str:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
+    """The process-wide settings, read once, the ``MSSQL_*`` parts checked too.
+
+    A value that does not validate raises ``ConfigurationError`` naming the variable, so that
+    each service can refuse to start with one line instead of a traceback.
+    """
+    for model in (MssqlSettings, Settings):
+        try:
+            model()
+        except ValidationError as exc:
+            raise ConfigurationError(invalid_settings(model, exc)) from None
     return Settings()
+
+
+def invalid_settings(model: type[BaseSettings], exc: ValidationError) -> str:
+    """What is wrong, per environment variable, with the value quoted unless it is a secret."""
+    prefix = model.model_config.get("env_prefix", "")
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        variable = (prefix + field).upper()
+        annotation = model.model_fields[field].annotation if field in model.model_fields else None
+        secret = annotation is SecretStr or SecretStr in get_args(annotation)
+        value = error.get("input")
+        shown = "" if secret or not isinstance(value, str) else f"={value[:40]!r}"
+        problems.append(f"{variable}{shown}: {error['msg']}")
+    return "invalid setting " + "; ".join(problems)
