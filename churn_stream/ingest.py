@@ -66,6 +66,8 @@ class Batch:
     """Records taken from the broker, valid or not."""
     dead_lettered: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    first_dead_letter: str | None = None
+    """Where the batch's first invalid record was (topic:partition:offset)."""
 
 
 @dataclass
@@ -147,9 +149,10 @@ class ActivityIngestor:
             try:
                 event = parse_event(record.value, self.max_event_ahead_s, now)
             except InvalidEvent as exc:
-                self._dead_letter(record, exc)
+                source = self._dead_letter(record, exc)
                 batch.dead_lettered += 1
                 batch.reasons[exc.reason] = batch.reasons.get(exc.reason, 0) + 1
+                batch.first_dead_letter = batch.first_dead_letter or source
             else:
                 batch.events.append(storage.event_record(event))
             # A plain tuple equals its TopicPartition, and costs a tenth of building one.
@@ -157,19 +160,24 @@ class ActivityIngestor:
         batch.taken += len(records)
         return len(records)
 
-    def _dead_letter(self, record: ConsumerRecord, exc: InvalidEvent) -> None:
-        log.warning(
-            "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc
-        )
+    def _dead_letter(self, record: ConsumerRecord, exc: InvalidEvent) -> str:
+        """Send ``record`` to the dead-letter topic; returns its source (topic:partition:offset).
+
+        Each record is logged at DEBUG only: a poison stream would flood the log with one
+        WARNING a record, so ``_finish`` logs one a batch instead.
+        """
+        source = f"{record.topic}:{record.partition}:{record.offset}"
+        log.debug("dead-lettering %s: %s", source, exc)
         headers = [
             ("reason", exc.reason.encode()),
             ("detail", exc.detail[:1000].encode()),
-            ("source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
+            ("source", source.encode()),
         ]
         self.dlq_producer.send(
             self.dead_letter_topic, key=record.key, value=record.value or b"", headers=headers
         )
         EVENTS_DEAD_LETTERED.labels(exc.reason).inc()
+        return source
 
     def _start(self, batch: Batch, committer: ThreadPoolExecutor) -> Committing:
         """Insert the batch's events in a transaction and hand its commit to ``committer``."""
@@ -215,6 +223,11 @@ class ActivityIngestor:
                   stored, batch.taken, batch.dead_lettered)
         # The dead-letter records must be on the broker before the offsets move past them.
         self.dlq_producer.flush()
+        if batch.dead_lettered:
+            reasons = ", ".join(f"{r}={n}" for r, n in sorted(batch.reasons.items()))
+            log.warning("dead-lettered %d of %d records to %s (%s); first at %s",
+                        batch.dead_lettered, batch.taken, self.dead_letter_topic, reasons,
+                        batch.first_dead_letter)
         # A partition taken away in a rebalance is another member's to commit now; its
         # records were written anyway, and are written once however often they come back.
         owned = self.consumer.assignment()

@@ -1,6 +1,7 @@
 """Producer -> broker -> consumer -> database, through a real broker, counted exactly."""
 
 import json
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -146,6 +147,33 @@ def test_poison_records_are_dead_lettered_with_reasons_and_the_rest_stored(
         assert poison in by_value, f"{name} was not dead-lettered with its original bytes"
         assert by_value[poison]["reason"] == reason.encode(), name
         assert by_value[poison]["detail"], name
+
+
+@pytest.mark.timeout(120)
+def test_a_poison_stream_logs_one_warning_a_batch_and_dead_letters_every_record(
+    ingestor, topics, engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    poison = [b"{not json %d" % i for i in range(300)] + [b'["login"]'] * 100
+    caplog.set_level(logging.WARNING, logger="churn_stream.ingest")
+    send(topics, poison)
+
+    records = dead_letters(topics, len(poison), timeout_s=60)
+    assert sorted(r.value for r in records) == sorted(poison)
+
+    def summaries() -> list[logging.LogRecord]:
+        return [r for r in caplog.records
+                if r.name == "churn_stream.ingest" and r.msg.startswith("dead-lettered ")]
+
+    # The warning follows the flush that put the records on the dead-letter topic.
+    assert wait_until(lambda: sum(r.args[0] for r in summaries()) >= len(poison), 10)
+    warned = [r for r in caplog.records if r.name == "churn_stream.ingest"]
+    assert warned == summaries() and sum(r.args[0] for r in warned) == len(poison)
+    # One a batch: how many batches 400 records make depends on the broker's fetches.
+    assert 1 <= len(warned) <= len(poison) // 20, [r.getMessage() for r in warned]
+    assert all("not_json=" in r.getMessage() or "not_object=" in r.getMessage()
+               for r in warned)
+    assert f"to {topics.topic_dead_letter} (" in warned[0].getMessage()
+    assert f"first at {topics.topic_activity}:" in warned[0].getMessage()
 
 
 @pytest.mark.timeout(180)
