@@ -12,8 +12,8 @@ JARS   := tests/kafka/target/jars
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-# The runtime install is large (TensorFlow, XGBoost, scikit-learn, Streamlit: about 1 GB)
-# and takes a few minutes the first time; pip shows its progress.
+# The install is large (TensorFlow, XGBoost, scikit-learn, Streamlit: 2.5 GB in .venv with
+# the test dependencies) and takes a few minutes the first time; pip shows its progress.
 $(RUN_STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip

@@ -46,7 +46,8 @@ def main(
                               "per split (KDD: by enrollment and by course; Telco: "
                               "stratified), see churn_stream/quality.py; 0: one holdout run."),
     data_root: str | None = typer.Option(None, help="With --dataset: the folder holding the "
-                                         "public datasets (default: ../shared/data)."),
+                                         "public datasets (default: shared/data beside the "
+                                         "repository folder)."),
 ) -> None:
     """Train in memory and print the quality table."""
     configure_logging("WARNING")

@@ -96,7 +96,7 @@ def up(
     duration: float | None = typer.Option(None, min=1, help="Stop by itself after this many s."),
     users: int = typer.Option(500, min=1, help="Simulated users."),
     backfill_days: float = typer.Option(40.0, min=0, help="Days of history written at start."),
-    rate: float = typer.Option(500.0, min=0, help="Live events/s from the simulator."),
+    rate: float = typer.Option(500.0, min=0, help="Most live events/s (a cap); 0 = no cap."),
     seed: int = typer.Option(0, help="Simulator seed."),
     drift_at: float | None = typer.Option(None, help="Simulated day of a behaviour shift."),
     replay: str | None = typer.Option(
