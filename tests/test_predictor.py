@@ -204,9 +204,9 @@ def test_a_smaller_first_run_is_followed_by_a_full_one_under_the_same_checks(
     recorded = [(r["reason"], r["promoted"], (r["error"] or "")[:31]) for r in model_runs(engine)]
     assert recorded == [
         ("start", False, "holdout ROC-AUC 0.5500 is below"), ("start", True, ""),
-        ("start", True, ""),  # its first attempt waited for data, in the same row
-        ("start", True, ""), ("warm-up", False, "RuntimeError: injected")]
-    details = model_runs(engine)[3]["metrics"]["details"]
+        ("start", False, "waiting for labelled history: 7"),  # a sample of too few
+        ("start", True, ""), ("start", True, ""), ("warm-up", False, "RuntimeError: injected")]
+    details = model_runs(engine)[4]["metrics"]["details"]
     assert (details["users"], details["sampled"]) == (100, True) and not results
 
 

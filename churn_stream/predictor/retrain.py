@@ -130,22 +130,24 @@ class Retrainer:
         """Train the first model, waiting while there is not enough labelled history.
 
         The waiting attempts share one ``model_runs`` row, whose error says what is missing.
-        The first attempt reads a sample of ``first_run_users`` (if set); a model learnt
-        from it is followed at once by a full-size run in the background (reason
-        ``warm-up``). Returns None only if a stop was asked for first.
+        The first attempt reads a sample of ``first_run_users`` (if set) and has a row of
+        its own however it ends; a model learnt from it is followed at once by a full-size
+        run in the background (reason ``warm-up``). Returns None only if a stop was asked
+        for first.
         """
         opened: tuple[int, str] | None = None
         max_users = self.first_run_users
         while not stopping.is_set():
             opened = opened or self._open("start")
             if opened is not None:
-                outcome = self._attempt(*opened, "start", record_no_data=False,
+                sampled = max_users is not None
+                outcome = self._attempt(*opened, "start", record_no_data=sampled,
                                         max_users=max_users)
                 if outcome.promoted:
                     self._follow_small_run(max_users)
                     return self.holder.current
-                if not outcome.waiting:
-                    opened = None  # that run failed and is recorded; the next is a new run
+                if sampled or not outcome.waiting:
+                    opened = None  # that run is recorded; the next is a new run
                 if max_users is not None:
                     # A sample can hold too few churners, or score below the floor, where
                     # all users would not: from now on the start run reads them all, at once.
@@ -228,6 +230,8 @@ class Retrainer:
             promoted, error = self._consider(candidate, reason, metrics)
         except NotEnoughData as exc:
             error, waiting = f"waiting for labelled history: {exc}", True
+            if max_users:
+                error += f" (in a sample of {max_users} users)"
         except (Exception, MemoryError) as exc:  # a failed run must never stop the service
             error = f"{type(exc).__name__}: {exc}"
             RETRAIN_FAILURES.labels(reason).inc()
