@@ -168,7 +168,14 @@ class Context:
         return storage.make_engine(url or self.dataset.url)
 
     def model(self) -> Any:
-        """The model every in-process benchmark serves: trained once, from the dataset."""
+        """The model every in-process benchmark serves: trained once, from the dataset.
+
+        TensorFlow is set up first with the threads a predictor process serves with (its
+        models are trained in a child process), so that scoring here costs what it costs there.
+        """
+        from churn_stream.models.sequence import SERVING_THREADS, tensorflow
+
+        tensorflow(SERVING_THREADS)
         if self._model is None and self._train is not None:
             self._model = self._train()
         if self._model is None:
