@@ -38,9 +38,16 @@ class StorageUnavailable(ChurnStreamError):
 
 
 class NotEnoughData(ChurnStreamError):
-    """There is not enough labelled history to train or evaluate a model yet."""
+    """There is not enough labelled history to train or evaluate a model yet.
+
+    ``sampled``: the run read a sample of the stored users, all of them might be enough.
+    """
 
     retriable = True
+
+    def __init__(self, message: str, sampled: bool = False) -> None:
+        super().__init__(message)
+        self.sampled = sampled
 
 
 class TrainingFailed(ChurnStreamError):

@@ -151,8 +151,13 @@ def train(
     users = int(history["user_id"].nunique()) if len(history) else 0
     log.info("training run %s: %d events of %d users%s, %d outcomes reported", version,
              len(history), users, " (a sample)" if sample else "", len(feedback))
-    model = train_from_history(history, feedback, version, holdout_share=holdout_share,
-                               policy=policy, seed=seed, max_examples=max_examples, run=run)
+    try:
+        model = train_from_history(history, feedback, version, holdout_share=holdout_share,
+                                   policy=policy, seed=seed, max_examples=max_examples, run=run)
+    except NotEnoughData as exc:
+        if not sample:
+            raise
+        raise NotEnoughData(f"{exc} (in a sample of {users} users)", sampled=True) from exc
     return replace(model, details={**model.details, "users": users, "sampled": bool(sample)})
 
 

@@ -103,8 +103,11 @@ def test_one_class_of_labels_is_not_enough_data_never_nan(engine) -> None:
 
 def test_history_too_short_for_settled_labels_is_not_enough_data(engine) -> None:
     storage.write_events(engine, steady_users(5, 10), T0)
-    with pytest.raises(NotEnoughData, match="history spans 9.2 days; labels need 24.0"):
+    with pytest.raises(NotEnoughData, match="history spans 9.2 days; labels need 24.0") as all_:
         training.train(engine, "short")
+    with pytest.raises(NotEnoughData, match=r"need 24.0 .*\(in a sample of 3 users\)") as some:
+        training.train(engine, "short", max_users=3)
+    assert (all_.value.sampled, some.value.sampled) == (False, True)
 
 
 @pytest.mark.parametrize(("injection", "cause"), [("raise", RuntimeError),

@@ -1,8 +1,13 @@
 """Training in a process of its own: the model that comes back, and every way a run ends."""
 
+import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +16,11 @@ from churn_stream import storage
 from churn_stream.errors import NotEnoughData, TrainingFailed
 from churn_stream.models import MODEL_NAMES, classification_metrics
 from churn_stream.predictor.training_process import train_in_process
+from tests.conftest import wait_until
 from tests.simulated import simulated_database
 
 pytestmark = pytest.mark.timeout(600)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +99,58 @@ def test_a_child_killed_mid_run_is_training_failed_with_its_exit_code(sim_engine
 
 
 def _training_children() -> list[int]:
-    import multiprocessing
-
     return [p.pid for p in multiprocessing.active_children() if p.name == "training-child-4"]
+
+
+def test_a_stop_ends_the_child_at_once(sim_engine) -> None:
+    stopping = threading.Event()
+
+    def stop_at_features(stage: str, _done: float) -> None:
+        if stage == "features":
+            stopping.set()
+
+    started = time.monotonic()
+    with pytest.raises(TrainingFailed, match="stopping"):
+        train_in_process(sim_engine, "child-5", progress=stop_at_features, stopping=stopping)
+    assert time.monotonic() - started < 60
+    assert not [p for p in multiprocessing.active_children() if p.name == "training-child-5"]
+
+
+def test_a_child_whose_service_was_killed_ends_itself(tmp_path) -> None:
+    script = tmp_path / "service.py"
+    script.write_text(
+        "import sys\n"
+        "from churn_stream import storage\n"
+        "from churn_stream.predictor.training_process import train_in_process\n"
+        "if __name__ == '__main__':\n"
+        "    train_in_process(storage.make_engine(sys.argv[1]), 'orphan')\n")
+    service = subprocess.Popen([sys.executable, str(script), simulated_database()], cwd=ROOT)
+    try:
+        assert wait_until(lambda: _training_child(service.pid) is not None, 30)
+        child = _training_child(service.pid)
+        time.sleep(3)  # well into the run, which sends nothing until its model is ready
+        service.kill()
+        service.wait(10)
+        assert _ran(child)
+        deadline = time.monotonic() + 3
+        while _ran(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _ran(child), "the orphaned training process trains on"
+    finally:
+        service.kill()
+
+
+def _training_child(parent: int) -> str | None:
+    """The spawned training process of ``parent`` (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    found = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return found[0] if found else None
+
+
+def _ran(pid: str) -> bool:
+    """Whether process ``pid`` is still running (a zombie has ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] not in {"Z", "X"}

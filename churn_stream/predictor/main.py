@@ -36,15 +36,16 @@ def instance_name() -> str:
 
 
 def make_retrainer(settings: Settings, engine: sa.Engine, instance: str,
-                   holder: ModelHolder) -> Retrainer:
-    """The retrainer with the project's training and promotion judge."""
+                   holder: ModelHolder, stopping: threading.Event | None = None) -> Retrainer:
+    """The retrainer with the project's training (in a process of its own) and promotion
+    judge; ``stopping`` ends a run in progress."""
     first_run_users = settings.predictor_first_run_users
     smaller = first_run_users if 0 < first_run_users < training.MAX_USERS else None
     return Retrainer(engine, instance, holder, train_in_process, training.compare_on_holdout,
                      promotion_tolerance=settings.promotion_tolerance,
                      min_roc_auc=settings.min_serving_roc_auc,
                      failure_injection=settings.retrain_failure_injection,
-                     first_run_users=smaller)
+                     first_run_users=smaller, stopping=stopping)
 
 
 def make_drift_watch(settings: Settings, engine: sa.Engine, instance: str,
@@ -68,7 +69,7 @@ def run(settings: Settings, stopping: threading.Event) -> None:
     ensure_topics(settings)
     holder = ModelHolder()
     state = UserState(FeatureStore(), engine)
-    retrainer = make_retrainer(settings, engine, instance, holder)
+    retrainer = make_retrainer(settings, engine, instance, holder, stopping)
     http = HttpServer(create_app(Serving(instance, holder, state, retrainer)),
                       settings.predictor_http_host, settings.predictor_port)
     http.start()

@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 WARM_UP = "warm-up"
 """The reason of the full-size run that follows a smaller first run."""
 Train = Callable[..., ChurnModel]
-"""``training.train``'s shape: ``(engine, version, *, failure_injection=..., max_users=...)
--> ChurnModel``; ``max_users`` is passed only to a smaller first run."""
+"""``training.train``'s shape: ``(engine, version, *, failure_injection=..., max_users=...,
+stopping=...) -> ChurnModel``; ``max_users`` is passed only to a smaller first run,
+``stopping`` only by a retrainer given the service's stop flag."""
 Judge = Callable[[ChurnModel, ChurnModel], tuple[float, float]]
 """``(candidate, current) -> (candidate ROC-AUC, current ROC-AUC)`` on recent labelled data."""
 
@@ -100,6 +101,8 @@ class RunOutcome:
     error: str | None
     waiting: bool = False
     """The run found too little labelled history (and may be tried again)."""
+    sampled: bool = False
+    """It was too little in a sample of the stored users: all of them might be enough."""
 
 
 class Retrainer:
@@ -108,7 +111,8 @@ class Retrainer:
     def __init__(self, engine: sa.Engine, instance: str, holder: ModelHolder, train: Train,
                  judge: Judge, promotion_tolerance: float = 0.01,
                  failure_injection: str | None = None, min_roc_auc: float = 0.6,
-                 first_run_users: int | None = None) -> None:
+                 first_run_users: int | None = None,
+                 stopping: threading.Event | None = None) -> None:
         self.engine = engine
         self.min_roc_auc = min_roc_auc
         self.instance = instance
@@ -119,6 +123,8 @@ class Retrainer:
         self.failure_injection = failure_injection
         self.first_run_users = first_run_users
         """Users the first run reads when it is to be smaller than a full run; None: full."""
+        self.stopping = stopping
+        """The service's stop flag, passed to ``train`` (if set) so that a run can end early."""
         self.outcomes: list[RunOutcome] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -130,23 +136,23 @@ class Retrainer:
         """Train the first model, waiting while there is not enough labelled history.
 
         The waiting attempts share one ``model_runs`` row, whose error says what is missing.
-        The first attempt reads a sample of ``first_run_users`` (if set) and has a row of
-        its own however it ends; a model learnt from it is followed at once by a full-size
-        run in the background (reason ``warm-up``). Returns None only if a stop was asked
-        for first.
+        The first attempt reads a sample of ``first_run_users`` (if set and more users are
+        stored); a model learnt from it is followed at once by a full-size run in the
+        background (reason ``warm-up``); a sample with too little history is a recorded run
+        of its own, and an attempt on all users follows at once. Returns None only if a stop
+        was asked for first.
         """
         opened: tuple[int, str] | None = None
         max_users = self.first_run_users
         while not stopping.is_set():
             opened = opened or self._open("start")
             if opened is not None:
-                sampled = max_users is not None
-                outcome = self._attempt(*opened, "start", record_no_data=sampled,
+                outcome = self._attempt(*opened, "start", record_no_data=False,
                                         max_users=max_users)
                 if outcome.promoted:
                     self._follow_small_run(max_users)
                     return self.holder.current
-                if sampled or not outcome.waiting:
+                if outcome.sampled or not outcome.waiting:
                     opened = None  # that run is recorded; the next is a new run
                 if max_users is not None:
                     # A sample can hold too few churners, or score below the floor, where
@@ -223,34 +229,34 @@ class Retrainer:
         self.last_started_s = started = time.monotonic()
         log.info("training run %s started (reason %s%s)", version, reason,
                  f", at most {max_users} users" if max_users else "")
-        rows, metrics, promoted, error, waiting = 0, {}, False, None, False
+        rows, metrics, promoted, error, waiting, sampled = 0, {}, False, None, False, False
         try:
             candidate = self._train(version, reason, max_users)
             rows, metrics = candidate.rows, self._metrics(candidate)
             promoted, error = self._consider(candidate, reason, metrics)
         except NotEnoughData as exc:
-            error, waiting = f"waiting for labelled history: {exc}", True
-            if max_users:
-                error += f" (in a sample of {max_users} users)"
+            error, waiting, sampled = f"waiting for labelled history: {exc}", True, exc.sampled
         except (Exception, MemoryError) as exc:  # a failed run must never stop the service
             error = f"{type(exc).__name__}: {exc}"
             RETRAIN_FAILURES.labels(reason).inc()
             log.error("training run %s failed; the serving model stays", version, exc_info=True)
         seconds = time.monotonic() - started
-        if waiting and not record_no_data:
+        if waiting and not (record_no_data or sampled):
             self._note_waiting(run_id, error)
         else:
             RETRAIN_SECONDS.observe(seconds)
             self._record(run_id, seconds, rows, metrics, promoted, error)
-        outcome = RunOutcome(version, reason, promoted, error, waiting)
+        outcome = RunOutcome(version, reason, promoted, error, waiting, sampled)
         self.outcomes.append(outcome)
         return outcome
 
     def _train(self, version: str, reason: str, max_users: int | None) -> ChurnModel:
         # The injected failure hits retrains only, so that a test starts with a model.
         injection = self.failure_injection if reason != "start" else None
-        size = {"max_users": max_users} if max_users else {}
-        return self.train(self.engine, version, failure_injection=injection, **size)
+        extra: dict[str, Any] = {"max_users": max_users} if max_users else {}
+        if self.stopping is not None:
+            extra["stopping"] = self.stopping
+        return self.train(self.engine, version, failure_injection=injection, **extra)
 
     def _metrics(self, candidate: ChurnModel) -> dict[str, Any]:
         return {"models": candidate.metrics, "weights": candidate.weights,

@@ -12,12 +12,16 @@ written to disk.
 
 The run keeps the in-process contract of ``Retrainer``'s ``train``: it raises
 ``NotEnoughData`` while labelled history is short and ``TrainingFailed`` however else it
-fails, a training process that dies (killed, out of memory) included.
+fails, a training process that dies (killed, out of memory) included. A stop of the service
+ends the child at once instead of waiting out the run; a child whose service has died ends
+itself, and Ctrl-C in a terminal (sent to the whole process group) is the service's to handle.
 """
 
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -31,6 +35,8 @@ from churn_stream.models import ChurnModel
 log = logging.getLogger(__name__)
 NICENESS = 10
 """How much lower the training process's CPU priority is than the service's."""
+WATCH_S = 0.5
+"""How often the service looks for a stop, and the child for its parent."""
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -38,12 +44,14 @@ _SPAWN = multiprocessing.get_context("spawn")
 def train_in_process(engine: sa.Engine, version: str, *,
                      failure_injection: training.FailureInjection = None,
                      max_users: int = training.MAX_USERS,
-                     progress: training.Progress | None = None) -> ChurnModel:
+                     progress: training.Progress | None = None,
+                     stopping: threading.Event | None = None) -> ChurnModel:
     """``reference.train_with_reference`` run in a child process; same arguments and errors.
 
     ``failure_injection`` may only be one of the named injections here (a callable does not
     cross into another interpreter). ``progress`` is called in this process, as each stage
-    of the child's run starts.
+    of the child's run starts. Once ``stopping`` is set the child is ended and the run
+    fails with ``TrainingFailed``.
     """
     if callable(failure_injection):
         raise TypeError("a training process takes a named failure injection, not a callable")
@@ -55,7 +63,7 @@ def train_in_process(engine: sa.Engine, version: str, *,
     child.start()
     sending.close()  # the child holds the only sending end: its exit ends the pipe
     try:
-        return _receive(receiving, child, version, progress)
+        return _receive(receiving, child, version, progress, stopping or threading.Event())
     finally:
         receiving.close()
         child.join(timeout=30)
@@ -64,8 +72,12 @@ def train_in_process(engine: sa.Engine, version: str, *,
 
 
 def _receive(receiving: Connection, child: Any, version: str,
-             progress: training.Progress | None) -> ChurnModel:
+             progress: training.Progress | None, stopping: threading.Event) -> ChurnModel:
     while True:
+        while not receiving.poll(WATCH_S):
+            if stopping.is_set():
+                child.kill()
+                raise TrainingFailed(f"training run {version} ended: the service is stopping")
         try:
             kind, *payload = receiving.recv()
         except EOFError:
@@ -77,7 +89,7 @@ def _receive(receiving: Connection, child: Any, version: str,
         elif kind == "model":
             return ChurnModel.from_parts(payload[0])
         elif kind == "waiting":
-            raise NotEnoughData(payload[0])
+            raise NotEnoughData(*payload)
         elif kind == "failed":
             raise TrainingFailed(payload[0])
 
@@ -89,7 +101,10 @@ def _run(sending: Connection, url: str, version: str, injection: str | None,
     from churn_stream.predictor.reference import train_with_reference
 
     configure_logging(logging.getLevelName(log_level))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(NICENESS)
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch",
+                     daemon=True).start()
     engine = storage.make_engine(url)
 
     def stage(name: str, done: float) -> None:
@@ -101,7 +116,7 @@ def _run(sending: Connection, url: str, version: str, injection: str | None,
                                      progress=stage if report_stages else None)
         message: tuple[Any, ...] = ("model", model.parts())
     except NotEnoughData as exc:
-        message = ("waiting", str(exc))
+        message = ("waiting", str(exc), exc.sampled)
     except TrainingFailed as exc:
         log.warning("training run %s failed", version, exc_info=True)
         message = ("failed", str(exc))
@@ -112,3 +127,11 @@ def _run(sending: Connection, url: str, version: str, injection: str | None,
         engine.dispose()
     sending.send(message)
     sending.close()
+
+
+def _end_with_parent(parent: int) -> None:
+    """End this process once its parent is gone (it was killed: nobody waits for the model)."""
+    while os.getppid() == parent:
+        threading.Event().wait(WATCH_S)
+    log.warning("the service that started this training run is gone; ending the run")
+    os._exit(1)
