@@ -98,6 +98,7 @@ def predictor(settings: Settings, model: Any, store: FeatureStore | None = None,
     engine = predictor_main.storage.make_engine(settings.resolved_database_url())
     holder = ModelHolder()
     holder.promote(model)
+    predictor_main.settle_heap()
     state = UserState(store if store is not None else FeatureStore(), engine)
     retrainer = predictor_main.make_retrainer(settings, engine, instance, holder)
     drift = predictor_main.make_drift_watch(settings, engine, instance, retrainer)

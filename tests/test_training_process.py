@@ -50,6 +50,7 @@ def test_the_model_from_the_child_scores_its_own_holdout_as_the_child_measured(
     assert model.metrics["blend"]["roc_auc"] > 0.8
     assert model.reference.shape[1] == len(model.space.feature_names)
     assert len(model.reference_scores) == len(model.reference) > 0
+    assert model.details["process_peak_mb"] > 100  # the child's own peak, TensorFlow included
 
 
 def test_the_child_reports_each_stage_here_in_order(child_run) -> None:

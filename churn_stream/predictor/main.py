@@ -1,5 +1,6 @@
 """Wiring of the predictor service: clients, state, model, loop, HTTP API; start and stop."""
 
+import gc
 import logging
 import os
 import socket
@@ -26,8 +27,23 @@ from churn_stream.settings import Settings
 
 log = logging.getLogger("predictor")
 # The consume loop holds the GIL in short steps; a shorter switch interval lets the HTTP
-# thread answer /predict within milliseconds while the loop is busy.
-GIL_SWITCH_INTERVAL_S = 0.001
+# thread answer /predict within milliseconds while the loop is busy. 0.2 ms against 1 ms
+# (make bench, one run each): /predict p99 under load 22.1 -> 20.0 ms, event-to-prediction
+# p99 82 -> 62 ms, throughput 15,293 -> 14,446 events/s (within run-to-run spread).
+GIL_SWITCH_INTERVAL_S = 0.0002
+
+
+def settle_heap() -> None:
+    """Take every object alive now (the libraries, TensorFlow's graph, the first model) out of
+    the cyclic collector's sight.
+
+    A full collection walks every tracked object and pauses every thread meanwhile: with
+    TensorFlow and a model loaded, about 0.35 s for 0.8 million objects on this box. Frozen
+    objects are still freed by reference counting; only a cycle among them (the first model's,
+    once replaced) stays until the process ends.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def instance_name() -> str:
@@ -81,6 +97,7 @@ def run(settings: Settings, stopping: threading.Event) -> None:
     try:
         if retrainer.train_initial(stopping, settings.predictor_train_retry_s) is None:
             return
+        settle_heap()
         consume(settings, engine, state, holder, retrainer, control, instance, stopping)
     finally:
         control.close()

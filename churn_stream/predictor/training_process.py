@@ -20,8 +20,10 @@ itself, and Ctrl-C in a terminal (sent to the whole process group) is the servic
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import threading
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -55,6 +57,8 @@ def train_in_process(engine: sa.Engine, version: str, *,
     """
     if callable(failure_injection):
         raise TypeError("a training process takes a named failure injection, not a callable")
+    # The child gets its arguments over a pipe, never on a command line: the password in the
+    # URL stays out of the process list.
     url = engine.url.render_as_string(hide_password=False)
     receiving, sending = _SPAWN.Pipe(duplex=False)
     child = _SPAWN.Process(target=_run, name=f"training-{version}", daemon=True,
@@ -114,6 +118,8 @@ def _run(sending: Connection, url: str, version: str, injection: str | None,
         model = train_with_reference(engine, version, failure_injection=injection,
                                      max_users=max_users,
                                      progress=stage if report_stages else None)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        model = replace(model, details={**model.details, "process_peak_mb": round(peak_mb)})
         message: tuple[Any, ...] = ("model", model.parts())
     except NotEnoughData as exc:
         message = ("waiting", str(exc), exc.sampled)
