@@ -54,5 +54,9 @@ class TrainingFailed(ChurnStreamError):
     """A training run failed; the model that was serving keeps serving."""
 
 
+class TrainingStopped(TrainingFailed):
+    """A training run was ended because its service is stopping."""
+
+
 class InvalidCommand(ChurnStreamError):
     """A record on ``model-control`` that is not a valid command; it is skipped."""

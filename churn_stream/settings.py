@@ -8,7 +8,7 @@ parts) at SQL Server. A value that does not validate stops a service with one lo
 
 from functools import lru_cache
 from pathlib import Path
-from typing import get_args
+from typing import Annotated, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from churn_stream.errors import ConfigurationError
 
 DATA_DIR = Path("data")
+Port = Annotated[int, Field(ge=0, le=65535)]
+"""A TCP port; 0 turns a metrics endpoint off."""
 
 
 class MssqlSettings(BaseSettings):
@@ -26,7 +28,7 @@ class MssqlSettings(BaseSettings):
 
     host: str | None = None
     """Server host name; unset means SQL Server is not configured."""
-    port: int = 1433
+    port: Port = 1433
     database: str = "churn"
     user: str = "sa"
     password: SecretStr = SecretStr("")
@@ -64,7 +66,7 @@ class Settings(BaseSettings):
 
     kafka_bootstrap_servers: str | None = None
     """``host:port[,host:port]`` of a Kafka cluster; unset starts the embedded broker."""
-    embedded_broker_port: int = 19092
+    embedded_broker_port: Port = 19092
     """Loopback port of the embedded broker when ``KAFKA_BOOTSTRAP_SERVERS`` is unset."""
 
     database_url: SecretStr | None = None
@@ -83,12 +85,12 @@ class Settings(BaseSettings):
     consumer_group: str = "churn-consumer"
     predictor_group: str = "churn-predictor"
 
-    consumer_metrics_port: int = 9101
-    predictor_port: int = 8000
-    feedback_api_port: int = 8001
-    feedback_loop_metrics_port: int = 9103
-    producer_metrics_port: int = 9104
-    dashboard_port: int = 8501
+    consumer_metrics_port: Port = 9101
+    predictor_port: Port = 8000
+    feedback_api_port: Port = 8001
+    feedback_loop_metrics_port: Port = 9103
+    producer_metrics_port: Port = 9104
+    dashboard_port: Port = 8501
     predictor_url: str = "http://127.0.0.1:8000"
     """Where the dashboard asks the predictor which features drive a user's score."""
     risk_threshold: float = Field(0.5, gt=0, lt=1)

@@ -74,3 +74,16 @@ def test_an_empty_variable_means_unset(
     assert settings.predictor_first_run_users == 1000 and settings.topic_partitions == 6
     assert settings.resolved_database_url() == "sqlite:///data/churn.db"
     assert settings.bootstrap_servers == "127.0.0.1:19092"
+
+
+@pytest.mark.parametrize("variable", ["PREDICTOR_PORT", "DASHBOARD_PORT", "MSSQL_PORT",
+                                      "EMBEDDED_BROKER_PORT", "CONSUMER_METRICS_PORT"])
+def test_a_port_outside_0_to_65535_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, "70000")
+    get_settings.cache_clear()
+    with pytest.raises(ConfigurationError, match=f"{variable}='70000': Input should be less"):
+        get_settings()
+    get_settings.cache_clear()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from churn_stream import storage
-from churn_stream.errors import NotEnoughData, TrainingFailed
+from churn_stream.errors import NotEnoughData, TrainingFailed, TrainingStopped
 from churn_stream.models import MODEL_NAMES, classification_metrics
 from churn_stream.predictor.training_process import train_in_process
 from tests.conftest import wait_until
@@ -111,7 +111,7 @@ def test_a_stop_ends_the_child_at_once(sim_engine) -> None:
             stopping.set()
 
     started = time.monotonic()
-    with pytest.raises(TrainingFailed, match="stopping"):
+    with pytest.raises(TrainingStopped, match="stopping"):
         train_in_process(sim_engine, "child-5", progress=stop_at_features, stopping=stopping)
     assert time.monotonic() - started < 60
     assert not [p for p in multiprocessing.active_children() if p.name == "training-child-5"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from churn_stream.errors import NotEnoughData
+from churn_stream.errors import NotEnoughData, TrainingStopped
 from churn_stream.models import ChurnModel
 from churn_stream.predictor import runs
 from churn_stream.predictor.metrics import (
@@ -152,6 +152,8 @@ class Retrainer:
                 if outcome.promoted:
                     self._follow_small_run(max_users)
                     return self.holder.current
+                if stopping.is_set():
+                    break
                 if outcome.sampled or not outcome.waiting:
                     opened = None  # that run is recorded; the next is a new run
                 if max_users is not None:
@@ -236,6 +238,9 @@ class Retrainer:
             promoted, error = self._consider(candidate, reason, metrics)
         except NotEnoughData as exc:
             error, waiting, sampled = f"waiting for labelled history: {exc}", True, exc.sampled
+        except TrainingStopped as exc:
+            error = str(exc)
+            log.info("%s", exc)
         except (Exception, MemoryError) as exc:  # a failed run must never stop the service
             error = f"{type(exc).__name__}: {exc}"
             RETRAIN_FAILURES.labels(reason).inc()

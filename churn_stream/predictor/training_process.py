@@ -30,7 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from churn_stream import training
-from churn_stream.errors import NotEnoughData, TrainingFailed
+from churn_stream.errors import NotEnoughData, TrainingFailed, TrainingStopped
 from churn_stream.logs import configure_logging
 from churn_stream.models import ChurnModel
 
@@ -63,7 +63,7 @@ def train_in_process(engine: sa.Engine, version: str, *,
     receiving, sending = _SPAWN.Pipe(duplex=False)
     child = _SPAWN.Process(target=_run, name=f"training-{version}", daemon=True,
                            args=(sending, url, version, failure_injection, max_users,
-                                 progress is not None, logging.getLogger().level))
+                                 progress is not None, logging.getLogger().level, os.getpid()))
     child.start()
     sending.close()  # the child holds the only sending end: its exit ends the pipe
     try:
@@ -81,7 +81,7 @@ def _receive(receiving: Connection, child: Any, version: str,
         while not receiving.poll(WATCH_S):
             if stopping.is_set():
                 child.kill()
-                raise TrainingFailed(f"training run {version} ended: the service is stopping")
+                raise TrainingStopped(f"training run {version} ended: the service is stopping")
         try:
             kind, *payload = receiving.recv()
         except EOFError:
@@ -99,15 +99,19 @@ def _receive(receiving: Connection, child: Any, version: str,
 
 
 def _run(sending: Connection, url: str, version: str, injection: str | None,
-         max_users: int, report_stages: bool, log_level: int) -> None:
-    """The child: one training run, its outcome sent as one message."""
+         max_users: int, report_stages: bool, log_level: int, parent: int) -> None:
+    """The child: one training run, its outcome sent as one message.
+
+    ``parent`` is the service's pid as it started the child: read here, after the imports,
+    it could already be the pid of whoever adopted an orphan.
+    """
     from churn_stream import storage
     from churn_stream.predictor.reference import train_with_reference
 
     configure_logging(logging.getLevelName(log_level))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(NICENESS)
-    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch",
+    threading.Thread(target=_end_with_parent, args=(parent,), name="parent-watch",
                      daemon=True).start()
     engine = storage.make_engine(url)
 
