@@ -460,3 +460,33 @@ def test_users_of_uncommitted_partitions_are_rebuilt_after_a_rebalance(engine) -
     assert set(state.partition_of) == users_of[0] | users_of[2]
     assert not users_of[1] & set(state.store.user_ids())
     assert predictor.uncommitted == set() and predictor.replayed == set()
+
+
+@pytest.mark.timeout(120)
+def test_records_handed_back_on_a_partition_kept_are_read_again(topics: Settings,
+                                                                 engine) -> None:
+    """kafka-python keeps the position of a partition that stays in the assignment, which is
+    past the records handed back uncommitted: the predictor must go back for them."""
+    settings = topics
+    events = list(Simulator(20, NOW - timedelta(days=2), 2, seed=6).events())[:60]
+    send_events(settings, events)
+    consumer = make_consumer(settings.bootstrap_servers, settings.predictor_group)
+    predictor = Predictor(consumer, None, engine, UserState(FeatureStore(), engine), None, None,
+                          None, "predictions", max_records=1000, max_wait_ms=5,
+                          max_event_ahead_s=60.0, stopping=threading.Event())
+    consumer.subscribe([settings.topic_activity], listener=predictor.listener())
+    try:
+        assert wait_until(lambda: predictor.in_hand.extend(
+            r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
+            or len(predictor.in_hand) == len(events), 60)
+        first = {(r.partition, r.offset) for r in predictor.in_hand}
+        kept = consumer.assignment()
+        predictor.on_revoked({tp.partition for tp in kept})  # as a rebalance that keeps them
+        predictor.on_assigned({tp.partition for tp in kept})
+        again: list[ConsumerRecord] = []
+        assert wait_until(lambda: again.extend(
+            r for batch in consumer.poll(timeout_ms=500).values() for r in batch)
+            or len(again) >= len(events), 30), f"{len(again)} of {len(events)} read again"
+        assert {(r.partition, r.offset) for r in again} == first
+    finally:
+        consumer.close(autocommit=False)

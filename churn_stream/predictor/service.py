@@ -104,6 +104,8 @@ class Predictor:
         """Partitions with events applied to the state whose offsets are not committed yet."""
         self.replayed: set[int] = set()
         """Revoked partitions whose applied events will be delivered again."""
+        self.handed_back: dict[TopicPartition, int] = {}
+        """The first offset handed back (unread) of each revoked partition."""
         self.committed_s = time.monotonic()
         self.control_poll = lambda: None
         self.predicted = 0
@@ -228,17 +230,31 @@ class Predictor:
         if self.in_hand:
             log.info("rebalance: %d records in hand go back uncommitted with partitions %s",
                      len(self.in_hand), sorted(revoked))
+            for record in self.in_hand:
+                where = TopicPartition(record.topic, record.partition)
+                self.handed_back[where] = min(self.handed_back.get(where, record.offset),
+                                              record.offset)
             self.in_hand.clear()
 
     def on_assigned(self, assigned: set[int]) -> None:
         """Forget the users of partitions that went elsewhere or whose applied events come
-        again; they rebuild from the database on first sight."""
+        again; they rebuild from the database on first sight. A partition this instance
+        keeps goes back to its first handed-back record: kafka-python keeps the position of a
+        partition that stays in the assignment, past the records that were handed back (their
+        users went unanswered, found by the intruder test in the suite)."""
         gone = ((self.owned | self.revoked) - assigned) | self.replayed
         if gone:
             dropped = self.state.forget_partitions(gone)
             log.info("rebalance: partitions %s went elsewhere; forgot %d users",
                      sorted(gone), dropped)
+        for where, offset in self.handed_back.items():
+            if where.partition in assigned:
+                self.consumer.seek(where, offset)
+        if self.handed_back:
+            log.info("rebalance: read again from %s", {tp.partition: offset for tp, offset
+                                                        in sorted(self.handed_back.items())})
         self.owned, self.revoked, self.replayed = set(assigned), set(), set()
+        self.handed_back = {}
         log.info("rebalance: own partitions %s", sorted(assigned))
 
     def _export_lag(self) -> None:
