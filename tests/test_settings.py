@@ -87,3 +87,14 @@ def test_a_port_outside_0_to_65535_is_refused_by_name(
     with pytest.raises(ConfigurationError, match=f"{variable}='70000': Input should be less"):
         get_settings()
     get_settings.cache_clear()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["predictor", "churn up"])
+def test_an_unknown_log_level_is_one_error_line_and_exit_1(tmp_path: Path, name: str) -> None:
+    done = run_with(tmp_path, ENTRY_POINTS[name], LOG_LEVEL="loud")
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if "ERROR" in line.split()]
+    assert "LOG_LEVEL='LOUD'" in line and "DEBUG" in line
