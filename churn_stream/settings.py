@@ -8,7 +8,7 @@ parts) at SQL Server. A value that does not validate stops a service with one lo
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, get_args
+from typing import Annotated, TypeVar, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from churn_stream.errors import ConfigurationError
 
 DATA_DIR = Path("data")
+SettingsModel = TypeVar("SettingsModel", bound=BaseSettings)
 Port = Annotated[int, Field(ge=0, le=65535)]
 """A TCP port; 0 turns a metrics endpoint off."""
 
@@ -258,12 +259,15 @@ def get_settings() -> Settings:
     A value that does not validate raises ``ConfigurationError`` naming the variable, so that
     each service can refuse to start with one line instead of a traceback.
     """
-    for model in (MssqlSettings, Settings):
-        try:
-            model()
-        except ValidationError as exc:
-            raise ConfigurationError(invalid_settings(model, exc)) from None
-    return Settings()
+    _read(MssqlSettings)
+    return _read(Settings)
+
+
+def _read(model: type[SettingsModel]) -> SettingsModel:
+    try:
+        return model()
+    except ValidationError as exc:
+        raise ConfigurationError(invalid_settings(model, exc)) from None
 
 
 def invalid_settings(model: type[BaseSettings], exc: ValidationError) -> str:
