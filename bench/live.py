@@ -1,5 +1,6 @@
-"""A live session: the predictor in this process, events offered at a steady rate from a
-child process, optionally ``/predict`` requests from another and a retrain in the middle.
+"""A live session: the predictor in this process (its HTTP API in a process of its own, as in
+the service), events offered at a steady rate from a child process, optionally ``/predict``
+requests from another and a retrain in the middle.
 
 Latency is read back from ``churn-predictions``: each prediction carries ``scored_at`` and
 ``latency_ms`` (from the Kafka timestamp of the oldest event it answers to scoring), and the
@@ -20,8 +21,7 @@ import numpy as np
 
 from bench import load, service
 from bench.common import Context, read_topic
-from churn_stream.predictor.http import HttpServer, create_app
-from churn_stream.predictor.serving import Serving
+from churn_stream.predictor.main import start_api
 from tests.brokers import free_port
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,7 @@ def session(ctx: Context, model: Any, *, rate: float, duration_s: float,
     running = service.predictor(settings, model, store=ctx.warm_store())
     if prepare is not None:
         prepare(running)
-    http = HttpServer(create_app(Serving("bench", running.holder, running.state,
-                                         running.retrainer)),
-                      "127.0.0.1", settings.predictor_port)
-    http.start()
+    http = start_api(settings, "bench", running.holder, running.state, running.retrainer)
     dataset = ctx.dataset
     offer, offer_pipe = load.spawn(
         load.offer, ctx.bootstrap_servers, settings.topic_activity, str(dataset.db_path),

@@ -63,6 +63,11 @@ def query(url: str, user_ids: list[str], count: int, pause_s: float, pipe: Conne
     import httpx
 
     client = httpx.Client(base_url=url, timeout=30.0)
+    deadline = time.monotonic() + 60
+    while client.get("/health").status_code != 200:  # the API process gets its model
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} served no model within 60 s")
+        time.sleep(0.1)
     for user_id in user_ids[:5]:
         client.get(f"/predict/{user_id}").raise_for_status()
     pipe.send("ready")

@@ -1,8 +1,10 @@
 """``/predict/{user_id}`` on the predictor's HTTP API, all three models and the explanation.
 
 A client in a child process asks for tracked users one request at a time over a kept-alive
-connection and times each round trip. Idle: the consume loop is not running. Under load:
-the predictor consumes events offered at ``offered_rate`` meanwhile (see ``bench.live``).
+connection and times each round trip. The API runs in a process of its own, fed by the
+predictor, as in the service (``churn_stream.predictor.api_process``). Idle: the consume
+loop is not running. Under load: the predictor consumes events offered at ``offered_rate``
+meanwhile (see ``bench.live``).
 """
 
 import logging
@@ -12,8 +14,7 @@ import numpy as np
 
 from bench import live, load, service
 from bench.common import Context, Figure, fmt, median, percentile
-from churn_stream.predictor.http import HttpServer, create_app
-from churn_stream.predictor.serving import Serving
+from churn_stream.predictor.main import start_api
 from tests.brokers import free_port
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,7 @@ def idle_run(ctx: Context, model: Any) -> list[float]:
     """Seconds of each request against a predictor whose loop is not running."""
     settings = ctx.settings(predictor_port=free_port())
     running = service.predictor(settings, model, store=ctx.warm_store())
-    server = HttpServer(create_app(Serving("bench", running.holder, running.state,
-                                           running.retrainer)),
-                        "127.0.0.1", settings.predictor_port)
-    server.start()
+    server = start_api(settings, "bench", running.holder, running.state, running.retrainer)
     try:
         users = running.state.store.user_ids()
         rng = np.random.default_rng(1)

@@ -189,6 +189,23 @@ def test_a_model_rebuilt_from_its_parts_scores_and_explains_exactly_the_same(mod
     assert rebuilt.version == model.version and rebuilt.weights == model.weights
 
 
+def test_a_scoring_only_model_scores_as_the_full_one_without_a_network(model, batch) -> None:
+    X, S = batch
+    scoring = ChurnModel.from_parts(model.parts(), network=False)
+    assert scoring.sequence.network is None
+    # One row takes the numpy pass in both: equal. A large batch takes the traced graph in
+    # the full model and numpy here: equal to float32 rounding.
+    for name in SCORED:
+        np.testing.assert_array_equal(scores_of(scoring, X[:1], S[:1], name),
+                                      scores_of(model, X[:1], S[:1], name))
+    assert len(X) > FORWARD_MAX_ROWS
+    np.testing.assert_allclose(scoring.score(X, S).blend, model.score(X, S).blend,
+                               rtol=0, atol=1e-5)
+    assert scoring.explain(X[0]) == model.explain(X[0])
+    with pytest.raises(RuntimeError, match="no Keras network"):
+        scoring.sequence.predict_keras(X[:1], S[:1])
+
+
 def test_explain_names_the_strongest_features(model, batch) -> None:
     top = model.explain(batch[0][0], top_k=5)
     assert len(top) == 5

@@ -24,7 +24,7 @@ def api(engine: sa.Engine) -> TestClient:
     holder.promote(model)
     retrainer = Retrainer(engine, "test", holder, train=None, judge=None)  # type: ignore[arg-type]
     state = UserState(FeatureStore(), engine)
-    return TestClient(create_app(Serving("test", holder, state, retrainer)))
+    return TestClient(create_app(Serving("test", holder, state, lambda: retrainer.running)))
 
 
 def store_user(engine: sa.Engine, user_id: str) -> None:

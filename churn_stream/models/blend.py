@@ -100,11 +100,15 @@ class ChurnModel:
         return values
 
     @classmethod
-    def from_parts(cls, parts: dict[str, Any]) -> "ChurnModel":
-        """The model ``parts`` describes; it scores exactly as the one it came from."""
+    def from_parts(cls, parts: dict[str, Any], network: bool = True) -> "ChurnModel":
+        """The model ``parts`` describes; it scores exactly as the one it came from.
+
+        ``network`` False builds the sequence model's numpy pass only (no TensorFlow): for a
+        process that scores a few rows at a time.
+        """
         return cls(**{**parts, "forest": Forest.from_parts(parts["forest"]),
                       "boosted": Boosted.from_parts(parts["boosted"]),
-                      "sequence": SequenceModel.from_parts(parts["sequence"])})
+                      "sequence": SequenceModel.from_parts(parts["sequence"], network)})
 
     def summary(self) -> dict[str, Any]:
         """What ``/model`` shows: identity, size, weights and holdout metrics."""

@@ -1,4 +1,4 @@
-"""The predictor's HTTP API, served by uvicorn on a thread of the predictor process.
+"""The predictor's HTTP API, served by uvicorn in the predictor's API process (``api_process``).
 
 ``/health``, ``/model`` (what is serving; never a secret), ``/predict/{user_id}`` (a score now,
 from the state this instance holds or the user's stored history) and ``/metrics``.
@@ -7,6 +7,7 @@ from the state this instance holds or the user's stored history) and ``/metrics`
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
 
@@ -71,7 +72,7 @@ class Serving(Protocol):
     def predict_held(self, user_id: str) -> PredictionOut | None: ...
 
 
-def create_app(serving: Serving) -> FastAPI:
+def create_app(serving: Serving, metrics: Callable[[], bytes] = generate_latest) -> FastAPI:
     """The FastAPI application over ``serving``.
 
     The handlers are ``async`` although scoring is CPU work: a user held in memory is scored
@@ -80,6 +81,7 @@ def create_app(serving: Serving) -> FastAPI:
     milliseconds and holds the GIL most of that time wherever it runs, so a worker thread
     would not let the loop do more meanwhile. Only a user who must be read from the database
     goes to a worker thread, so that a slow query never stalls ``/health`` or ``/metrics``.
+    ``metrics`` makes the text of ``/metrics`` (by default this process's registry).
     """
     app = FastAPI(title="churn-stream predictor", version="1")
 
@@ -111,8 +113,8 @@ def create_app(serving: Serving) -> FastAPI:
         return prediction
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def exposition() -> Response:
+        return Response(await run_in_threadpool(metrics), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -15,12 +15,11 @@ from churn_stream import storage, training
 from churn_stream.drift import DriftPolicy, DriftWindow, Thresholds
 from churn_stream.features import FeatureStore
 from churn_stream.kafka_io import ensure_topics, make_consumer, make_producer, subscribe_when_known
+from churn_stream.predictor.api_process import ApiProcess
 from churn_stream.predictor.commands import ControlListener
 from churn_stream.predictor.drift_watch import DriftWatch
-from churn_stream.predictor.http import HttpServer, create_app
 from churn_stream.predictor.retrain import ModelHolder, Retrainer
 from churn_stream.predictor.service import Predictor
-from churn_stream.predictor.serving import Serving
 from churn_stream.predictor.state import UserState
 from churn_stream.predictor.training_process import train_in_process
 from churn_stream.settings import Settings
@@ -76,6 +75,16 @@ def make_drift_watch(settings: Settings, engine: sa.Engine, instance: str,
     return DriftWatch(engine, instance, window, policy, thresholds, retrainer.request)
 
 
+def start_api(settings: Settings, instance: str, holder: ModelHolder, state: UserState,
+              retrainer: Retrainer) -> ApiProcess:
+    """The HTTP API, listening, in a process of its own fed by this one."""
+    api = ApiProcess(settings.predictor_http_host, settings.predictor_port, instance,
+                     settings.resolved_database_url(), holder, state,
+                     retraining=lambda: retrainer.running)
+    api.start()
+    return api
+
+
 def run(settings: Settings, stopping: threading.Event) -> None:
     """Run the predictor until ``stopping`` is set."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -86,9 +95,7 @@ def run(settings: Settings, stopping: threading.Event) -> None:
     holder = ModelHolder()
     state = UserState(FeatureStore(), engine)
     retrainer = make_retrainer(settings, engine, instance, holder, stopping)
-    http = HttpServer(create_app(Serving(instance, holder, state, retrainer)),
-                      settings.predictor_http_host, settings.predictor_port)
-    http.start()
+    http = start_api(settings, instance, holder, state, retrainer)
     control = ControlListener(
         KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
                       enable_auto_commit=False),

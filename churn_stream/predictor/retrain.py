@@ -82,10 +82,15 @@ class ModelHolder:
 
     def __init__(self) -> None:
         self.current: ChurnModel | None = None
+        self.listeners: list[Callable[[ChurnModel], None]] = []
+        """Called with each promoted model, on the promoting thread (the HTTP API process's
+        feeder queues it)."""
 
     def promote(self, model: ChurnModel) -> None:
         """Serve ``model`` from now on (one reference assignment: atomic for readers)."""
         self.current = timed(model)
+        for listener in self.listeners:
+            listener(model)
         MODEL_VERSION.set(runs.version_number(model.version))
         MODEL_INFO.info({"version": model.version, "trained_at": model.trained_at.isoformat(),
                          "rows": str(model.rows)})

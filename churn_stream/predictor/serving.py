@@ -2,32 +2,49 @@
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
+from prometheus_client import Histogram
 
+from churn_stream.features import FeatureSpace
 from churn_stream.predictor.http import (
     Contribution,
     HealthOut,
     ModelOut,
     PredictionOut,
 )
-from churn_stream.predictor.metrics import PREDICTION_LATENCY
-from churn_stream.predictor.retrain import ModelHolder, Retrainer
-from churn_stream.predictor.state import UserState
+from churn_stream.predictor.retrain import ModelHolder
+from churn_stream.predictor.state import Features
 
 log = logging.getLogger(__name__)
 TOP_FEATURES = 5
 
 
-class Serving:
-    """Reads the predictor's state for the HTTP thread; never writes it."""
+class StateView(Protocol):
+    """What serving reads of the per-user state: a held user's features, or any user's."""
 
-    def __init__(self, instance: str, holder: ModelHolder, state: UserState,
-                 retrainer: Retrainer) -> None:
+    def held(self, user_id: str, space: FeatureSpace) -> Features | None: ...
+    def lookup(self, user_id: str, space: FeatureSpace) -> Features | None: ...
+    def tracked(self) -> int: ...
+
+
+class Serving:
+    """Reads the predictor's model and state for the HTTP API; never writes them.
+
+    In the predictor, ``state`` is the consume loop's state seen from the HTTP API process
+    (``api_process.RemoteState``); in tests it may be a ``UserState`` itself.
+    """
+
+    def __init__(self, instance: str, holder: ModelHolder, state: StateView,
+                 retraining: Callable[[], bool], latency: Histogram | None = None) -> None:
         self.instance = instance
         self.holder = holder
         self.state = state
-        self.retrainer = retrainer
+        self.retraining = retraining
+        self.latency = latency
+        """Observes the seconds of each score and explanation, if given."""
 
     def health(self) -> HealthOut:
         """Serving once a model is in place; training before."""
@@ -36,8 +53,8 @@ class Serving:
             status="serving" if model else "training",
             instance=self.instance,
             model_version=model.version if model else None,
-            tracked_users=len(self.state.store),
-            retraining=self.retrainer.running,
+            tracked_users=self.state.tracked(),
+            retraining=self.retraining(),
         )
 
     def model_out(self) -> ModelOut | None:
@@ -76,13 +93,13 @@ class Serving:
             found = self.state.lookup(user_id, model.space)
         if found is None:
             return None
-        rows, sequences = found
         started = time.perf_counter()
-        scores = model.score(rows, sequences)
-        PREDICTION_LATENCY.labels("blend").observe(time.perf_counter() - started)
-        top = model.explain(rows[0], top_k=TOP_FEATURES)
+        scores = model.score(found.rows, found.sequences)
+        top = model.explain(found.rows[0], top_k=TOP_FEATURES)
+        if self.latency is not None:
+            self.latency.observe(time.perf_counter() - started)
         return PredictionOut(
-            user_id=user_id, model_version=model.version, as_of=self.state.now(),
+            user_id=user_id, model_version=model.version, as_of=found.as_of,
             score=float(scores.blend[0]),
             scores={"rf": float(scores.rf[0]), "xgb": float(scores.xgb[0]),
                     "seq": float(scores.seq[0]), "blend": float(scores.blend[0])},

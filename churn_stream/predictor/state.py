@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,27 @@ from churn_stream.predictor.batching import Received
 from churn_stream.predictor.metrics import STATE_BYTES, TRACKED_USERS, USERS_REBUILT
 
 log = logging.getLogger(__name__)
+
+
+class Features(NamedTuple):
+    """One user's feature rows and sequences, and the moment they describe."""
+
+    rows: np.ndarray
+    sequences: np.ndarray
+    as_of: datetime
+
+
+def stored_features(engine: sa.Engine, user_id: str, as_of: datetime,
+                    space: FeatureSpace) -> Features | None:
+    """``user_id``'s features from their stored history (as of ``as_of``, or their last event
+    if that is later); None if nothing is stored."""
+    past = load_history(engine, user_ids=[user_id])
+    if past.empty:
+        return None
+    scratch = FeatureStore(space, capacity=1)
+    scratch.update_frame(past)
+    moment = max(as_of, past["ts"].iloc[-1].to_pydatetime())
+    return Features(*scratch.matrix([user_id], moment, space), moment)
 
 
 class UserState:
@@ -76,31 +98,33 @@ class UserState:
         """The stream's clock, or the wall clock before any event arrived."""
         return self.clock or datetime.now(UTC)
 
-    def held(self, user_id: str, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray] | None:
-        """One user's features now if this instance holds their state (no I/O); else None."""
-        as_of = self.now()
+    def tracked(self) -> int:
+        """Users whose state this instance holds."""
+        return len(self.store)
+
+    def copy_of(self, user_id: str) -> tuple[datetime, FeatureStore | None]:
+        """The stream's clock and a one-user copy of ``user_id``'s state (None if not held),
+        taken together: what the HTTP API process scores a held user from."""
         with self.lock:
+            copy = self.store.subset([user_id]) if user_id in self.store else None
+            return self.now(), copy
+
+    def held(self, user_id: str, space: FeatureSpace) -> Features | None:
+        """One user's features now if this instance holds their state (no I/O); else None."""
+        with self.lock:
+            as_of = self.now()
             if user_id in self.store:
-                return self.store.matrix([user_id], as_of, space)
+                return Features(*self.store.matrix([user_id], as_of, space), as_of)
         return None
 
-    def lookup(self, user_id: str, space: FeatureSpace) -> tuple[np.ndarray, np.ndarray] | None:
+    def lookup(self, user_id: str, space: FeatureSpace) -> Features | None:
         """One user's features now: from the store, else from stored history; None if unknown.
 
         A user read from the database is not added to the store: their partition may belong
         to another instance.
         """
-        held = self.held(user_id, space)
-        if held is not None:
-            return held
-        as_of = self.now()
-        past = self._history([user_id])
-        if past.empty:
-            return None
-        scratch = FeatureStore(space, capacity=1)
-        scratch.update_frame(past)
-        last_ts = past["ts"].iloc[-1].to_pydatetime()
-        return scratch.matrix([user_id], max(as_of, last_ts), space)
+        return self.held(user_id, space) or stored_features(self.engine, user_id, self.now(),
+                                                            space)
 
     def forget_partitions(self, partitions: Iterable[int]) -> int:
         """Drop the state of every user of ``partitions``; returns how many were dropped."""
