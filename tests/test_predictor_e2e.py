@@ -87,16 +87,17 @@ def test_drift_is_detected_and_a_retrain_swaps_the_model_without_a_gap(
     output = ""
     try:
         assert wait_until(lambda: runs_for(engine, "start", finished=True), 240)
-        started_serving_s = time.monotonic()
         (first,) = runs_for(engine, "start")
+        # The drift cooldown counts from the last run's start, the start run's here: its
+        # recorded length, taken from now, puts that start no earlier than it was.
+        cooldown_ends_s = time.monotonic() - first["seconds"] + COOLDOWN_S
         assert first["promoted"]
         for chunk in before:
             deliver(settings, engine, chunk)
             assert wait_until(lambda: drained(settings), 60)
         assert not runs_for(engine, "drift"), "drift confirmed before the behaviour shifted"
-        # The drift cooldown counts from the last run's start, the start run's here: a quick
-        # predictor gets through the days before the shift inside it.
-        time.sleep(max(0.0, COOLDOWN_S - (time.monotonic() - started_serving_s)))
+        # A quick predictor gets through the days before the shift inside the cooldown.
+        time.sleep(max(0.0, cooldown_ends_s - time.monotonic()))
 
         sent_after_shift = 0
         while not runs_for(engine, "drift") and sent_after_shift < MAX_CHUNKS_TO_DETECT:
