@@ -5,6 +5,7 @@ of events; none loops over events in Python except ``_add_numeric``, which loops
 ranks (the k-th value of each user and property) to keep float arithmetic batch-invariant.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,23 +19,38 @@ from churn_stream.features.common import (
     TAU_S,
 )
 
+Shapes = dict[str, tuple[tuple[int, ...], type]]
+"""Name -> (shape, dtype) of each state array."""
 
-def allocate(capacity: int, types: int, pairs: int, keys: int) -> dict[str, np.ndarray]:
-    """Fresh state arrays, every row in its 'no history' form."""
-    state = {
-        "counts": np.zeros((capacity, RING_DAYS, types), np.uint8),
-        "anchor_day": np.empty(capacity, np.int32),
-        "first_s": np.empty(capacity, np.int32),
-        "last_s": np.empty(capacity, np.int32),
-        "total": np.zeros(capacity, np.uint32),
-        "type_last_s": np.empty((capacity, types), np.int32),
-        "type_total": np.zeros((capacity, types), np.uint32),
-        "decayed": np.zeros((capacity, pairs, 3), np.float32),
-        "pair_ref_s": np.empty((capacity, pairs), np.int32),
-        "lifetime": np.zeros((capacity, pairs, 2), np.float32),
-        "last_value": np.zeros((capacity, pairs), np.float32),
-        "category": np.zeros((capacity, keys), np.int16),
+
+def shapes(capacity: int, types: int, pairs: int, keys: int) -> Shapes:
+    """The state arrays for ``capacity`` users and this vocabulary."""
+    return {
+        "counts": ((capacity, RING_DAYS, types), np.uint8),
+        "anchor_day": ((capacity,), np.int32),
+        "first_s": ((capacity,), np.int32),
+        "last_s": ((capacity,), np.int32),
+        "total": ((capacity,), np.uint32),
+        "type_last_s": ((capacity, types), np.int32),
+        "type_total": ((capacity, types), np.uint32),
+        "decayed": ((capacity, pairs, 3), np.float32),
+        "pair_ref_s": ((capacity, pairs), np.int32),
+        "lifetime": ((capacity, pairs, 2), np.float32),
+        "last_value": ((capacity, pairs), np.float32),
+        "category": ((capacity, keys), np.int16),
     }
+
+
+def allocate(capacity: int, types: int, pairs: int, keys: int,
+             make: Callable[[Shapes], dict[str, np.ndarray]] | None = None,
+             ) -> dict[str, np.ndarray]:
+    """Fresh state arrays, every row in its 'no history' form; ``make`` provides the memory
+    (by default, this process's heap)."""
+    wanted = shapes(capacity, types, pairs, keys)
+    if make is None:
+        state = {name: np.empty(shape, dtype) for name, (shape, dtype) in wanted.items()}
+    else:
+        state = make(wanted)
     reset(state, slice(None))
     return state
 

@@ -3,9 +3,11 @@
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ from churn_stream.features.common import (
     seconds,
 )
 from churn_stream.features.reader import Reader
+from churn_stream.features.shared import SharedArrays
 from churn_stream.features.space import FeatureSpace
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ class FeatureStore:
         self._ignored: set[str] = set()
         self._key_bytes = 0
         self._capacity = max(int(capacity), 1)
+        self._shared: SharedArrays | None = None
+        self._change = _Change()
         self._state = st.allocate(self._capacity, 0, 0, 0)
         if space is not None:
             for kind in space.event_types:
@@ -80,13 +85,76 @@ class FeatureStore:
                 self._category_code(key, None)
 
     def __getstate__(self) -> dict[str, Any]:
-        """The state without its lock, so that a store can cross to another process."""
+        """The state without its lock or sharing (arrays are copied), so that a store can
+        cross to another process."""
         with self._lock:
-            return {name: value for name, value in vars(self).items() if name != "_lock"}
+            kept = {name: value for name, value in vars(self).items()
+                    if name not in ("_lock", "_shared", "_change")}
+            return kept | {"_state": {name: a.copy() for name, a in self._state.items()}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
         self._lock = threading.RLock()
+        self._shared, self._change = None, _Change()
+
+    @classmethod
+    def of_rows(cls, user_id: str, vocabulary: dict[str, Any],
+                rows: dict[str, np.ndarray]) -> "FeatureStore":
+        """A store holding one user: their state ``rows`` (one row per array) described by
+        ``vocabulary`` (as ``vocabulary()`` gives it)."""
+        store = cls(capacity=1)
+        store._types, store._pairs = vocabulary["types"], vocabulary["pairs"]
+        store._keys, store._codes = vocabulary["keys"], vocabulary["codes"]
+        store._state, store._slots, store._used = rows, {user_id: 0}, 1
+        return store
+
+    def vocabulary(self) -> dict[str, Any]:
+        """Copies of what the state's columns stand for: event types, numeric properties,
+        categorical attributes and their values' codes."""
+        with self._lock:
+            return {"types": dict(self._types), "pairs": dict(self._pairs),
+                    "keys": dict(self._keys), "codes": [dict(c) for c in self._codes]}
+
+    def share(self, shared: SharedArrays) -> None:
+        """Move the state arrays into ``shared`` memory; from now on every change is counted
+        and told to its reader (see ``features.shared``)."""
+        with self._lock:
+            self._shared = shared
+            self._resize()
+
+    def connect_reader(self, reader: Connection) -> None:
+        """Give ``reader`` (a process's end of a socket pipe) the shared state and its index."""
+        with self._lock:
+            if self._shared is None:
+                raise RuntimeError("the store is not shared: call share() first")
+            self._shared.connect(reader, {"slots": dict(self._slots),
+                                          "vocabulary": self.vocabulary()})
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Count one change of a shared store and send what it did (outermost call only)."""
+        change, shared = self._change, self._shared
+        if shared is None or change.depth:
+            change.depth += 1
+            try:
+                yield
+            finally:
+                change.depth -= 1
+            return
+        change.start(self._vocabulary_size())
+        shared.begin()
+        try:
+            yield
+        finally:
+            change.depth = 0
+            grown = self._vocabulary_size() != change.vocabulary_size
+            shared.end({"assigned": change.assigned, "forgotten": change.forgotten,
+                        "vocabulary": self.vocabulary() if grown else None},
+                       new_arrays=change.new_arrays)
+
+    def _vocabulary_size(self) -> tuple[int, ...]:
+        return (len(self._types), len(self._pairs), len(self._keys),
+                *(len(c) for c in self._codes))
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -128,7 +196,7 @@ class FeatureStore:
         categoricals = [(i, k, v)
                         for i, values in enumerate(categorical) if values
                         for k, v in values.items()]
-        with self._lock:
+        with self._lock, self._changing():
             self._apply(self._batch(user_ids, event_types, ts_s, numerics, categoricals))
 
     def rebuild(self, user_id: str, events: Sequence[Event]) -> None:
@@ -136,15 +204,17 @@ class FeatureStore:
         strangers = {e.user_id for e in events} - {user_id}
         if strangers:
             raise ValueError(f"rebuild of {user_id} got events of {sorted(strangers)[:3]}")
-        with self._lock:
+        with self._lock, self._changing():
             self.forget([user_id])
             self.update(sorted(events, key=lambda e: e.ts))
 
     def forget(self, user_ids: Iterable[str]) -> None:
         """Drop users' state; their slots are reused by new users."""
-        with self._lock:
+        with self._lock, self._changing():
             gone = [u for u in dict.fromkeys(user_ids) if u in self._slots]
             slots = [self._slots.pop(u) for u in gone]
+            if self._shared is not None:
+                self._change.forgotten.extend(gone)
             self._key_bytes -= sum(sys.getsizeof(u) for u in gone)
             if slots:
                 st.reset(self._state, np.array(slots))
@@ -241,6 +311,8 @@ class FeatureStore:
                     self._resize(capacity=self._capacity * 2)
             self._slots[user_id] = slot
             self._key_bytes += sys.getsizeof(user_id)
+            if self._shared is not None:
+                self._change.assigned.append((user_id, slot))
         return slot
 
     def _type_channel(self, kind: str) -> int:
@@ -294,7 +366,10 @@ class FeatureStore:
 
     def _resize(self, capacity: int | None = None) -> None:
         self._capacity = capacity or self._capacity
-        fresh = st.allocate(self._capacity, len(self._types), len(self._pairs), len(self._keys))
+        make = None if self._shared is None else self._shared.allocate
+        fresh = st.allocate(self._capacity, len(self._types), len(self._pairs), len(self._keys),
+                            make)
+        self._change.new_arrays |= make is not None
         for name, old in self._state.items():
             fresh[name][tuple(slice(0, n) for n in old.shape)] = old
         self._state = fresh
@@ -314,6 +389,21 @@ class FeatureStore:
             st.set_categories(state, slot[batch.cat_event], batch.cat_key, batch.cat_code,
                             batch.cat_event)
 
+
+
+@dataclass
+class _Change:
+    """What one change of a shared store did, for its reader."""
+
+    depth: int = 0
+    assigned: list[tuple[str, int]] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+    new_arrays: bool = False
+    vocabulary_size: tuple[int, ...] = ()
+
+    def start(self, vocabulary_size: tuple[int, ...]) -> None:
+        self.depth, self.assigned, self.forgotten = 1, [], []
+        self.new_arrays, self.vocabulary_size = False, vocabulary_size
 
 
 def _lookup(names: Sequence[str], index_of: Callable[[str], int]) -> np.ndarray:

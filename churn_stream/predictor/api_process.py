@@ -4,21 +4,24 @@ of the process that consumes the stream.
 In one process, the HTTP thread shared the GIL with the consume loop and kafka-python's two
 network threads: each socket read, each call into XGBoost and each numpy step that lets the
 GIL go had to win it back from a busy thread, and under 2,000 events/s a ``/predict`` that
-took 3.3 ms idle took 11.8 ms at the median and 24.6 at p99 (make bench).
+took 3.3 ms idle took 11.8 ms at the median and 24.6 at p99 (make bench). Asking the
+service's process for a user's state per request was no better: the answer waited on the
+same GIL (a p99 of 19 ms for that round trip alone).
 
-Here the service starts a child process (``spawn``: nothing of the service's threads or
-Kafka clients is inherited) that serves ``/health``, ``/model``, ``/predict/{user_id}`` and
-``/metrics`` on the predictor's port. It holds its own copy of the serving model, sent as
-plain data (``ChurnModel.parts``) after each promotion and rebuilt without TensorFlow: one
-row at a time is scored in numpy. For a held user it asks the service for a one-user copy of
-that user's state and the stream's clock (one small message each way, ``UserState.copy_of``)
-and computes the features itself, so the service does microseconds of work per request
-instead of the whole score. A user the service does not hold is read from the database by
-the child. ``/metrics`` is the service's registry, asked for over the same pipe, followed by
-the child's own (``predictor_api_*``).
+So the service starts a child process (``spawn``: nothing of the service's threads or Kafka
+clients is inherited) that serves ``/health``, ``/model``, ``/predict/{user_id}`` and
+``/metrics`` on the predictor's port, and that needs nothing from the service per request:
 
-The child ends when the service closes its pipes or dies (the pipe ends); if the child dies,
-the service logs it and starts another, which gets the serving model at once.
+- the per-user state is the service's own arrays, in shared memory, read under a sequence
+  lock (``features.shared``); the index of users and the stream's clock come along;
+- the serving model is a copy, sent as plain data (``ChurnModel.parts``) after each
+  promotion and rebuilt without TensorFlow (one row is scored in numpy);
+- a user the service does not hold is read from the database by the child.
+
+Only ``/health``'s retraining flag and ``/metrics`` (the service's registry, followed by the
+child's own ``predictor_api_*``) are asked of the service, over a pipe. The child ends when the
+service closes its pipes or dies; if the child dies, the service logs it and starts another,
+which gets the state and the serving model at once.
 """
 
 import logging
@@ -28,7 +31,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -43,6 +46,7 @@ from tenacity import (
 )
 
 from churn_stream.features import FeatureSpace, FeatureStore
+from churn_stream.features.shared import Mirror, SharedArrays
 from churn_stream.logs import configure_logging
 from churn_stream.models import ChurnModel
 from churn_stream.predictor.retrain import ModelHolder
@@ -76,6 +80,8 @@ class ApiProcess:
 
     def start(self) -> None:
         """Start the API process and wait until it listens; RuntimeError if it cannot."""
+        if self.state.shared is None:
+            self.state.share(SharedArrays())
         self.child = self._spawn()
         if self.holder.current is not None:
             self._models.put(self.holder.current)
@@ -99,19 +105,21 @@ class ApiProcess:
     def _spawn(self) -> "_Child":
         requests, child_requests = _SPAWN.Pipe()
         receiving, sending = _SPAWN.Pipe(duplex=False)
+        state, child_state = _SPAWN.Pipe()  # a socket pair: it carries memory descriptors
         # The URL goes over the pipe's pickled arguments, never on a command line: a password
         # in it stays out of the process list.
         process = _SPAWN.Process(
             target=_serve, name="predictor-api", daemon=True,
-            args=(child_requests, receiving, self.host, self.port, self.instance,
+            args=(child_requests, receiving, child_state, self.host, self.port, self.instance,
                   self.database_url, logging.getLogger().level))
         process.start()
-        # The child holds the only other ends: its exit ends both pipes, and the service's
+        # The child holds the only other ends: its exit ends the pipes, and the service's
         # exit ends the child's loop.
-        child_requests.close()
-        receiving.close()
-        child = _Child(process, requests, sending)
+        for end in (child_requests, receiving, child_state):
+            end.close()
+        child = _Child(process, requests, sending, state)
         child.wait_listening(self.address)
+        self.state.store.connect_reader(state)
         return child
 
     def _answer_requests(self) -> None:
@@ -136,10 +144,6 @@ class ApiProcess:
                 continue  # it died meanwhile: the next recv finds out
 
     def _answer(self, kind: str, *args: Any) -> Any:
-        if kind == "user":
-            return self.state.copy_of(args[0])
-        if kind == "tracked":
-            return self.state.tracked()
         if kind == "retraining":
             return self.retraining()
         if kind == "metrics":
@@ -184,10 +188,11 @@ class ApiProcess:
 
 
 class _Child:
-    """One API process and the service's ends of its two pipes."""
+    """One API process and the service's ends of its three pipes."""
 
-    def __init__(self, process: Any, requests: Connection, models: Connection) -> None:
-        self.process, self.requests, self.models = process, requests, models
+    def __init__(self, process: Any, requests: Connection, models: Connection,
+                 state: Connection) -> None:
+        self.process, self.requests, self.models, self.state = process, requests, models, state
 
     def wait_listening(self, address: str) -> None:
         if not self.requests.poll(START_TIMEOUT_S):
@@ -211,6 +216,7 @@ class _Child:
             self.process.kill()
             self.process.join(5.0)
         self.requests.close()
+        self.state.close()  # a change sent after this finds it closed and stops sending
 
 
 # -- the API process --------------------------------------------------------------------------
@@ -242,35 +248,44 @@ class Link:
 
 
 class RemoteState:
-    """The service's per-user state as the API process sees it (``serving.StateView``)."""
+    """The service's per-user state as the API process sees it (``serving.StateView``): its
+    arrays in shared memory, read without asking the service."""
 
-    def __init__(self, link: Link, engine: sa.Engine) -> None:
-        self.link, self.engine = link, engine
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.mirror: Mirror | None = None
+        self.ready = threading.Event()
+        """Set once the service has given its state (just after the process listens)."""
 
     def held(self, user_id: str, space: FeatureSpace) -> Features | None:
-        as_of, copy = self._copy(user_id)
-        return None if copy is None else _features(copy, user_id, as_of, space)
+        return self._held(user_id, space)[1]
 
     def lookup(self, user_id: str, space: FeatureSpace) -> Features | None:
-        as_of, copy = self._copy(user_id)
-        if copy is not None:
-            return _features(copy, user_id, as_of, space)
-        return stored_features(self.engine, user_id, as_of, space)
+        as_of, found = self._held(user_id, space)
+        return found or stored_features(self.engine, user_id, as_of, space)
 
     def tracked(self) -> int:
-        return self.link.ask("tracked")
+        return len(self._mirror().slots)
 
-    def _copy(self, user_id: str) -> tuple[datetime, FeatureStore | None]:
-        return self.link.ask("user", user_id)
+    def _held(self, user_id: str, space: FeatureSpace) -> tuple[datetime, Features | None]:
+        mirror = self._mirror()
+        copied = mirror.copy_of(user_id)
+        # The clock is read after the copy: the service moves it before it applies events,
+        # so it is never earlier than the events copied.
+        as_of = mirror.clock() or datetime.now(UTC)
+        if copied is None:
+            return as_of, None
+        store = FeatureStore.of_rows(user_id, *copied)
+        return as_of, Features(*store.matrix([user_id], as_of, space), as_of)
+
+    def _mirror(self) -> Mirror:
+        if not self.ready.wait(START_TIMEOUT_S) or self.mirror is None:
+            raise RuntimeError("the predictor has not given its state to the HTTP API")
+        return self.mirror
 
 
-def _features(copy: FeatureStore, user_id: str, as_of: datetime,
-              space: FeatureSpace) -> Features:
-    return Features(*copy.matrix([user_id], as_of, space), as_of)
-
-
-def _serve(requests: Connection, models: Connection, host: str, port: int, instance: str,
-           url: str, log_level: int) -> None:
+def _serve(requests: Connection, models: Connection, state: Connection, host: str, port: int,
+           instance: str, url: str, log_level: int) -> None:
     """The API process: serve until the service's end of ``models`` closes."""
     from churn_stream import storage
     from churn_stream.predictor.http import HttpServer, create_app
@@ -282,8 +297,9 @@ def _serve(requests: Connection, models: Connection, host: str, port: int, insta
     link = Link(requests)
     engine = storage.make_engine(url)
     holder = ModelHolder()
-    serving = Serving(instance, holder, RemoteState(link, engine),
-                      retraining=lambda: link.ask("retraining"), latency=PREDICT_SECONDS)
+    remote = RemoteState(engine)
+    serving = Serving(instance, holder, remote, retraining=lambda: link.ask("retraining"),
+                      latency=PREDICT_SECONDS)
     app = create_app(serving, metrics=lambda: link.ask("metrics") + generate_latest(REGISTRY))
     server = HttpServer(app, host, port)
     try:
@@ -292,6 +308,9 @@ def _serve(requests: Connection, models: Connection, host: str, port: int, insta
         requests.send(("failed", str(exc)))
         os._exit(1)
     requests.send(("listening", server.address))
+    remote.mirror = Mirror(state)  # the service connects it once it hears "listening"
+    remote.ready.set()
+    threading.Thread(target=remote.mirror.follow, name="state-changes", daemon=True).start()
     while True:
         try:
             parts = models.recv()

@@ -19,6 +19,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from churn_stream.features import FeatureSpace, FeatureStore
+from churn_stream.features.shared import SharedArrays
 from churn_stream.history import load_history
 from churn_stream.predictor.batching import Received
 from churn_stream.predictor.metrics import STATE_BYTES, TRACKED_USERS, USERS_REBUILT
@@ -57,6 +58,16 @@ class UserState:
         self.partition_of: dict[str, int] = {}
         self.clock: datetime | None = None
         """The stream's clock: the latest event time seen by this instance."""
+        self.shared: SharedArrays | None = None
+
+    def share(self, shared: SharedArrays) -> None:
+        """Keep the state, and the stream's clock, in ``shared`` memory for a reading process
+        (the HTTP API's)."""
+        with self.lock:
+            self.shared = shared
+            self.store.share(shared)
+            if self.clock is not None:
+                shared.set_clock(self.clock)
 
     def apply(self, received: Sequence[Received]) -> None:
         """Rebuild the users seen for the first time, then add the batch's events."""
@@ -66,15 +77,19 @@ class UserState:
         new_users = [u for u in first_ts if u not in self.store]
         history = self._history(new_users, first_ts) if new_users else None
         events = [item.event for item in received]
+        latest = max(e.ts for e in events)
         with self.lock:
+            self.clock = latest if self.clock is None else max(self.clock, latest)
+            if self.shared is not None:
+                # Before the events: a reader that copies a user's state and then reads the
+                # clock never gets a moment earlier than the events in its copy.
+                self.shared.set_clock(self.clock)
             if history is not None:
                 self.store.forget(new_users)
                 self.store.update_frame(history)
             self.store.update(events)
             for item in received:
                 self.partition_of[item.event.user_id] = item.partition
-            latest = max(e.ts for e in events)
-            self.clock = latest if self.clock is None else max(self.clock, latest)
         USERS_REBUILT.inc(len(new_users))
         self.export()
 
@@ -101,13 +116,6 @@ class UserState:
     def tracked(self) -> int:
         """Users whose state this instance holds."""
         return len(self.store)
-
-    def copy_of(self, user_id: str) -> tuple[datetime, FeatureStore | None]:
-        """The stream's clock and a one-user copy of ``user_id``'s state (None if not held),
-        taken together: what the HTTP API process scores a held user from."""
-        with self.lock:
-            copy = self.store.subset([user_id]) if user_id in self.store else None
-            return self.now(), copy
 
     def held(self, user_id: str, space: FeatureSpace) -> Features | None:
         """One user's features now if this instance holds their state (no I/O); else None."""
