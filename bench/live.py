@@ -42,7 +42,8 @@ class Session:
     """Oldest event sent -> scores ready (the predictor's own ``latency_ms``)."""
     persisted_ms: np.ndarray
     """Oldest event sent -> prediction written to the table and handed to the producer."""
-    http: list[tuple[float, float]] = field(default_factory=list)
+    http: list[tuple[float, float, float]] = field(default_factory=list)
+    """(wall clock, seconds of a ``/predict``, seconds of the ``/model`` after it)"""
     retrain: tuple[float, float] | None = None
     retrain_outcome: Any = None
 
@@ -55,8 +56,11 @@ class Session:
         """Persisted latencies after the warm-up, up to the end of the offered load."""
         return self.window(self.offered["started_wall"] + warmup_s, self.offered["ended_wall"])
 
-    def http_seconds(self, start_wall: float = 0.0, end_wall: float = float("inf")) -> list[float]:
-        return [s for wall, s in self.http if start_wall <= wall <= end_wall]
+    def http_seconds(self, start_wall: float = 0.0, end_wall: float = float("inf"),
+                     floor: bool = False) -> list[float]:
+        """Seconds of each ``/predict`` in the window, or of each ``/model`` if ``floor``."""
+        return [floor_s if floor else predict_s for wall, predict_s, floor_s in self.http
+                if start_wall <= wall <= end_wall]
 
 
 def session(ctx: Context, model: Any, *, rate: float, duration_s: float,

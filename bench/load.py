@@ -58,8 +58,13 @@ def offer(bootstrap_servers: str, topic: str, db_path: str, stream_path: str, us
 
 
 def query(url: str, user_ids: list[str], count: int, pause_s: float, pipe: Connection) -> None:
-    """GET ``/predict/{user_id}`` ``count`` times, one at a time, ``pause_s`` apart; reports
-    (wall clock at the start, seconds) of each request."""
+    """GET ``/predict/{user_id}`` ``count`` times, one at a time, ``pause_s`` apart, each
+    followed by a GET of ``/model``; reports (wall clock at the start, seconds of the
+    ``/predict``, seconds of the ``/model``) of each pair.
+
+    ``/model`` is the floor: the same process and HTTP stack answering from what it holds,
+    with no state to copy and nothing to score.
+    """
     import httpx
 
     client = httpx.Client(base_url=url, timeout=30.0)
@@ -72,15 +77,21 @@ def query(url: str, user_ids: list[str], count: int, pause_s: float, pipe: Conne
         client.get(f"/predict/{user_id}").raise_for_status()
     pipe.send("ready")
     pipe.recv()
-    timings: list[tuple[float, float]] = []
+    timings: list[tuple[float, float, float]] = []
     for i in range(count):
         user_id = user_ids[i % len(user_ids)]
-        wall, started = time.time(), time.perf_counter()
-        response = client.get(f"/predict/{user_id}")
-        seconds = time.perf_counter() - started
-        response.raise_for_status()
-        timings.append((wall, seconds))
+        wall = time.time()
+        predict = _timed(client, f"/predict/{user_id}")
+        timings.append((wall, predict, _timed(client, "/model")))
         if pause_s:
             time.sleep(pause_s)
     client.close()
     pipe.send(timings)
+
+
+def _timed(client: Any, path: str) -> float:
+    started = time.perf_counter()
+    response = client.get(path)
+    seconds = time.perf_counter() - started
+    response.raise_for_status()
+    return seconds

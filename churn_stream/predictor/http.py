@@ -67,6 +67,7 @@ class Serving(Protocol):
     """What the HTTP API needs from the predictor."""
 
     def health(self) -> HealthOut: ...
+    def has_model(self) -> bool: ...
     def model_out(self) -> ModelOut | None: ...
     def predict_now(self, user_id: str) -> PredictionOut | None: ...
     def predict_held(self, user_id: str) -> PredictionOut | None: ...
@@ -102,7 +103,7 @@ def create_app(serving: Serving, metrics: Callable[[], bytes] = generate_latest)
     # ``:path`` lets a user id hold "/" (sent as %2F, which the server decodes before routing).
     @app.get("/predict/{user_id:path}", response_model=PredictionOut)
     async def predict(user_id: str) -> PredictionOut:
-        if serving.model_out() is None:
+        if not serving.has_model():
             raise HTTPException(503, "no model yet: the first training run has not finished")
         prediction = serving.predict_held(user_id)
         if prediction is None:

@@ -57,6 +57,9 @@ class Serving:
             retraining=self.retraining(),
         )
 
+    def has_model(self) -> bool:
+        return self.holder.current is not None
+
     def model_out(self) -> ModelOut | None:
         """The serving model's description, or None before the first one."""
         model = self.holder.current
