@@ -5,8 +5,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -14,10 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from churn_stream import storage
 from churn_stream.features import FeatureStore
-from churn_stream.predictor.api_process import ApiProcess
+from churn_stream.predictor.api_process import METRICS_TIMEOUT_S, ApiProcess, Watch
 from churn_stream.predictor.batching import Received
 from churn_stream.predictor.retrain import ModelHolder
 from churn_stream.predictor.serving import Serving
@@ -56,9 +59,9 @@ def holder() -> ModelHolder:
 
 
 def started(engine: sa.Engine, holder: ModelHolder, state: UserState,
-            retraining=lambda: False) -> ApiProcess:
+            retraining=lambda: False, watch: Watch | None = None) -> ApiProcess:
     api = ApiProcess("127.0.0.1", free_port(), "test", engine.url.render_as_string(False),
-                     holder, state, retraining)
+                     holder, state, retraining, watch or Watch())
     api.start()
     return api
 
@@ -124,8 +127,11 @@ def test_health_metrics_and_each_promotion_reach_the_api_process(
         health = get(api, "/health").json()
         assert health["tracked_users"] == state.tracked() > 0
         assert health["model_version"] == "sim-1" and health["retraining"] is False
-        retraining[0] = True
-        assert get(api, "/health").json()["retraining"] is True
+        retraining[0] = True  # the flag follows within STATUS_INTERVAL_S
+        deadline = time.monotonic() + 10
+        while get(api, "/health").json()["retraining"] is not True:
+            assert time.monotonic() < deadline, "/health never said a retrain runs"
+            time.sleep(0.05)
         get(api, f"/predict/{state.store.user_ids()[0]}")
         metrics = get(api, "/metrics").text
         assert "predictor_tracked_users" in metrics  # the service's registry
@@ -161,6 +167,58 @@ def test_a_killed_api_process_is_replaced_and_serves_the_model_again(
         time.sleep(0.1)
     user_id = state.store.user_ids()[0]
     assert get(api, f"/predict/{user_id}", timeout_s=60).status_code == 200
+
+
+def test_a_hung_api_process_is_killed_and_replaced(engine: sa.Engine, holder: ModelHolder,
+                                                  state: UserState) -> None:
+    api = started(engine, holder, state, watch=Watch(interval_s=0.5, timeout_s=0.5, failures=3))
+    try:
+        hung = api.child.process
+        assert get(api, "/health").status_code == 200
+        os.kill(hung.pid, signal.SIGSTOP)  # alive, holding its port, answering nothing
+        deadline = time.monotonic() + 60
+        while api.child.process is hung:
+            assert time.monotonic() < deadline, "the hung API process was never replaced"
+            time.sleep(0.1)
+        assert hung.exitcode == -signal.SIGKILL
+        user_id = state.store.user_ids()[0]
+        assert get(api, f"/predict/{user_id}", timeout_s=60).status_code == 200
+    finally:
+        api.stop()
+
+
+class _Stalled:
+    """A collector of the service's registry that blocks until released: a stalled service."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
+    def collect(self):
+        self.released.wait(60)
+        return []
+
+
+def test_a_stalled_service_fails_the_scrape_and_nothing_else(api: ApiProcess,
+                                                             state: UserState) -> None:
+    user_id = state.store.user_ids()[0]
+    assert get(api, "/metrics").status_code == 200
+    stalled = _Stalled()
+    REGISTRY.register(stalled)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            scrape = pool.submit(httpx.get, api.address + "/metrics", timeout=30)
+            time.sleep(0.5)  # the scrape waits on the service now
+            started_at = time.monotonic()
+            assert get(api, f"/predict/{user_id}").status_code == 200
+            assert get(api, "/health").json()["model_version"] == "sim-1"
+            assert time.monotonic() - started_at < METRICS_TIMEOUT_S / 2
+            failed = scrape.result()
+        assert failed.status_code == 503 and "did not answer metrics" in failed.text
+    finally:
+        stalled.released.set()
+        REGISTRY.unregister(stalled)
+    # The late answer to the failed scrape is told apart from the next one's.
+    assert "predictor_api_predict_seconds" in get(api, "/metrics").text
 
 
 def test_stop_ends_the_api_process_and_frees_the_port(api: ApiProcess) -> None:

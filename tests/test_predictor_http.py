@@ -52,6 +52,18 @@ def test_other_routes_are_not_shadowed_and_unknown_users_are_404(api: TestClient
     assert api.get("/model").json()["version"] == "sim-1"
     assert "model_prediction_latency_seconds" in api.get("/metrics").text
     assert api.get("/predict/nobody%2Fhere").status_code == 404
-    refused = api.get("/predict/" + "x" * 5000)
-    assert refused.status_code == 404 and "(5000 chars)" in refused.json()["detail"]
-    assert len(refused.json()["detail"]) < 100
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("path", "reason"), [
+    ("x" * 5000, "at most 128 characters"), ("%20u000042", "whitespace"),
+    ("u000042%20", "whitespace"), ("%00", "control characters"), ("", "at least 1 character"),
+])
+def test_an_id_no_event_could_carry_is_a_422_naming_the_field(
+    api: TestClient, path: str, reason: str
+) -> None:
+    refused = api.get(f"/predict/{path}")
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert detail.startswith("user_id ") and reason in detail
+    assert len(detail) < 120  # at most 40 characters of the id are repeated

@@ -18,19 +18,26 @@ clients is inherited) that serves ``/health``, ``/model``, ``/predict/{user_id}`
   promotion and rebuilt without TensorFlow (one row is scored in numpy);
 - a user the service does not hold is read from the database by the child.
 
-Only ``/health``'s retraining flag and ``/metrics`` (the service's registry, followed by the
-child's own ``predictor_api_*``) are asked of the service, over a pipe. The child ends when the
-service closes its pipes or dies; if the child dies, the service logs it and starts another,
-which gets the state and the serving model at once.
+Whether a retrain runs (``/health``) is a shared flag the service keeps up to date. Only
+``/metrics`` (the service's registry, followed by the child's own ``predictor_api_*``) is
+asked of the service, over a pipe, on a worker thread and with a deadline, so a stalled
+service fails the scrape and nothing else. The child ends when the service closes its pipes
+or dies. If the child dies, the service logs it and starts another, which gets the state and
+the serving model at once; if it stops answering ``/health``, the service kills it, and the
+same happens.
 """
 
+import http.client
+import itertools
 import logging
 import multiprocessing
 import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
@@ -60,6 +67,21 @@ RESTART_DELAY_S = 1.0
 _SPAWN = multiprocessing.get_context("spawn")
 SERVED_ONLY = ("holdout", "reference", "reference_scores")
 """Parts of a model that only training and drift use: not sent to the API process."""
+STATUS_INTERVAL_S = 0.25
+"""How often the service copies whether a retrain runs into the flag the API process reads."""
+METRICS_TIMEOUT_S = 5.0
+"""How long ``/metrics`` waits for the service's registry before it answers 503."""
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How the service checks that its API process answers: a ``/health`` every
+    ``interval_s``, each given ``timeout_s``; ``failures`` in a row and the process is killed
+    (and another started)."""
+
+    interval_s: float = 5.0
+    timeout_s: float = 5.0
+    failures: int = 3
 
 
 class ApiProcess:
@@ -67,11 +89,14 @@ class ApiProcess:
 
     def __init__(self, host: str, port: int, instance: str, database_url: str,
                  holder: ModelHolder, state: UserState,
-                 retraining: Callable[[], bool]) -> None:
+                 retraining: Callable[[], bool], watch: Watch = Watch()) -> None:
         self.host, self.port, self.instance = host, port, instance
         self.address = f"http://{host}:{port}"
         self.database_url = database_url
         self.holder, self.state, self.retraining = holder, state, retraining
+        self.watch = watch
+        self.retraining_flag = _SPAWN.RawValue("b", 0)
+        """Whether a retrain runs, shared with every API process this one starts."""
         self.child: _Child | None = None
         self._models: queue.Queue[ChurnModel | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -86,7 +111,9 @@ class ApiProcess:
         if self.holder.current is not None:
             self._models.put(self.holder.current)
         for target, name in ((self._answer_requests, "api-requests"),
-                             (self._send_models, "api-models")):
+                             (self._send_models, "api-models"),
+                             (self._publish_status, "api-status"),
+                             (self._watch, "api-watch")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -110,8 +137,8 @@ class ApiProcess:
         # in it stays out of the process list.
         process = _SPAWN.Process(
             target=_serve, name="predictor-api", daemon=True,
-            args=(child_requests, receiving, child_state, self.host, self.port, self.instance,
-                  self.database_url, logging.getLogger().level))
+            args=(child_requests, receiving, child_state, self.retraining_flag, self.host,
+                  self.port, self.instance, self.database_url, logging.getLogger().level))
         process.start()
         # The child holds the only other ends: its exit ends the pipes, and the service's
         # exit ends the child's loop.
@@ -133,22 +160,54 @@ class ApiProcess:
                     return
                 self._restart(child)
                 continue
+            number, kind = request
             try:
-                reply: tuple[str, Any] = ("ok", self._answer(*request))
+                reply: tuple[int, str, Any] = (number, "ok", self._answer(kind))
             except Exception as exc:  # the child turns it into a 500 naming it
-                log.error("the API process's request %s failed", request[0], exc_info=True)
-                reply = ("error", f"{type(exc).__name__}: {exc}")
+                log.error("the API process's request %s failed", kind, exc_info=True)
+                reply = (number, "error", f"{type(exc).__name__}: {exc}")
             try:
                 child.requests.send(reply)
             except OSError:
                 continue  # it died meanwhile: the next recv finds out
 
-    def _answer(self, kind: str, *args: Any) -> Any:
-        if kind == "retraining":
-            return self.retraining()
+    def _answer(self, kind: str) -> Any:
         if kind == "metrics":
             return generate_latest()
         raise ValueError(f"unknown request {kind!r}")
+
+    def _publish_status(self) -> None:
+        while not self._stopping.wait(STATUS_INTERVAL_S):
+            self.retraining_flag.value = bool(self.retraining())
+
+    def _watch(self) -> None:
+        """Kill an API process that stops answering ``/health``; the request thread then
+        sees it end and starts another."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        failures, watched = 0, self.child
+        while not self._stopping.wait(self.watch.interval_s):
+            child = self.child
+            if child is not watched:
+                failures, watched = 0, child
+            if not child.process.is_alive():
+                continue  # being replaced
+            try:
+                connection = http.client.HTTPConnection(host, self.port,
+                                                        timeout=self.watch.timeout_s)
+                try:
+                    connection.request("GET", "/health")
+                    connection.getresponse().read()
+                finally:
+                    connection.close()
+                failures = 0
+            except OSError as exc:
+                failures += 1
+                log.warning("the HTTP API process %d did not answer /health (%d of %d): %s",
+                            child.process.pid, failures, self.watch.failures, exc)
+                if failures >= self.watch.failures and not self._stopping.is_set():
+                    log.error("the HTTP API process %d does not answer; killing it",
+                              child.process.pid)
+                    child.process.kill()
 
     def _restart(self, dead: "_Child") -> None:
         dead.process.join(5.0)
@@ -232,16 +291,31 @@ PREDICT_SECONDS = Histogram(
 
 
 class Link:
-    """The API process's end of the request pipe: one request and its reply at a time."""
+    """The API process's end of the request pipe: one request and its reply at a time, each
+    numbered, so that the reply to a request that timed out is told apart and dropped."""
 
     def __init__(self, requests: Connection) -> None:
         self.requests = requests
         self.lock = threading.Lock()
+        self.numbers = itertools.count()
 
-    def ask(self, kind: str, *args: Any) -> Any:
-        with self.lock:
-            self.requests.send((kind, *args))
-            status, value = self.requests.recv()
+    def ask(self, kind: str, timeout_s: float) -> Any:
+        """The service's answer; TimeoutError if it takes longer than ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        if not self.lock.acquire(timeout=timeout_s):
+            raise TimeoutError(f"the predictor did not answer {kind} within {timeout_s:.0f} s")
+        try:
+            number = next(self.numbers)
+            self.requests.send((number, kind))
+            while True:
+                if not self.requests.poll(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(
+                        f"the predictor did not answer {kind} within {timeout_s:.0f} s")
+                answered, status, value = self.requests.recv()
+                if answered == number:
+                    break
+        finally:
+            self.lock.release()
         if status != "ok":
             raise RuntimeError(f"the predictor could not answer {kind}: {value}")
         return value
@@ -284,8 +358,8 @@ class RemoteState:
         return self.mirror
 
 
-def _serve(requests: Connection, models: Connection, state: Connection, host: str, port: int,
-           instance: str, url: str, log_level: int) -> None:
+def _serve(requests: Connection, models: Connection, state: Connection, retraining: Any,
+           host: str, port: int, instance: str, url: str, log_level: int) -> None:
     """The API process: serve until the service's end of ``models`` closes."""
     from churn_stream import storage
     from churn_stream.predictor.http import HttpServer, create_app
@@ -298,9 +372,10 @@ def _serve(requests: Connection, models: Connection, state: Connection, host: st
     engine = storage.make_engine(url)
     holder = ModelHolder()
     remote = RemoteState(engine)
-    serving = Serving(instance, holder, remote, retraining=lambda: link.ask("retraining"),
+    serving = Serving(instance, holder, remote, retraining=lambda: bool(retraining.value),
                       latency=PREDICT_SECONDS)
-    app = create_app(serving, metrics=lambda: link.ask("metrics") + generate_latest(REGISTRY))
+    app = create_app(serving, metrics=lambda: (link.ask("metrics", METRICS_TIMEOUT_S)
+                                               + generate_latest(REGISTRY)))
     server = HttpServer(app, host, port)
     try:
         server.start()

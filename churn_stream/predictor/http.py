@@ -14,10 +14,10 @@ from typing import Protocol
 import uvicorn
 from fastapi import FastAPI, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from churn_stream.events import shown_user_id
+from churn_stream.events import UserId, shown_user_id
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def create_app(serving: Serving, metrics: Callable[[], bytes] = generate_latest)
     # ``:path`` lets a user id hold "/" (sent as %2F, which the server decodes before routing).
     @app.get("/predict/{user_id:path}", response_model=PredictionOut)
     async def predict(user_id: str) -> PredictionOut:
+        _check(user_id)
         if not serving.has_model():
             raise HTTPException(503, "no model yet: the first training run has not finished")
         prediction = serving.predict_held(user_id)
@@ -115,9 +116,25 @@ def create_app(serving: Serving, metrics: Callable[[], bytes] = generate_latest)
 
     @app.get("/metrics")
     async def exposition() -> Response:
-        return Response(await run_in_threadpool(metrics), media_type=CONTENT_TYPE_LATEST)
+        try:
+            text = await run_in_threadpool(metrics)
+        except TimeoutError as exc:  # the predictor is stalled: the scrape fails, visibly
+            raise HTTPException(503, str(exc)) from None
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+_USER_ID = TypeAdapter(UserId)
+
+
+def _check(user_id: str) -> None:
+    """422 naming the field for an id no event could carry (as the feedback API answers)."""
+    try:
+        _USER_ID.validate_python(user_id)
+    except ValidationError as exc:
+        raise HTTPException(
+            422, f"user_id {shown_user_id(user_id)}: {exc.errors()[0]['msg']}") from None
 
 
 class HttpServer:
