@@ -14,6 +14,7 @@ takes two broker round trips off most batches, which is where a steady stream wa
 waiting in the micro-batch and scoring; a backlog shows as latency, as it should.
 """
 
+import contextlib
 import json
 import logging
 import threading
@@ -242,7 +243,11 @@ class Predictor:
         keeps goes back to its first handed-back record: kafka-python keeps the position of a
         partition that stays in the assignment, past the records that were handed back (their
         users went unanswered, found by the intruder test in the suite)."""
-        gone = ((self.owned | self.revoked) - assigned) | self.replayed
+        elsewhere = (self.owned | self.revoked) - assigned
+        for partition in elsewhere:  # their lag is the new owner's to report
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(str(partition))
+        gone = elsewhere | self.replayed
         if gone:
             dropped = self.state.forget_partitions(gone)
             log.info("rebalance: partitions %s went elsewhere; forgot %d users",
