@@ -23,6 +23,7 @@ from churn_stream.kafka_io import make_consumer, make_producer
 from churn_stream.models import ChurnModel
 from churn_stream.predictor import runs
 from churn_stream.predictor.batching import Received, collect, parse_batch
+from churn_stream.predictor.metrics import CONSUMER_LAG
 from churn_stream.predictor.retrain import ModelHolder, Retrainer
 from churn_stream.predictor.service import Predictor
 from churn_stream.predictor.state import UserState
@@ -463,6 +464,20 @@ def test_users_of_uncommitted_partitions_are_rebuilt_after_a_rebalance(engine) -
     assert set(state.partition_of) == users_of[0] | users_of[2]
     assert not users_of[1] & set(state.store.user_ids())
     assert predictor.uncommitted == set() and predictor.replayed == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_partition_that_went_elsewhere_leaves_the_lag_gauge(engine) -> None:
+    predictor = Predictor(None, None, engine, UserState(FeatureStore(), engine), None, None,
+                          None, "predictions", max_records=10, max_wait_ms=5,
+                          max_event_ahead_s=60.0, stopping=threading.Event())
+    predictor.on_assigned({0, 1, 2})
+    for partition in (0, 1, 2):
+        CONSUMER_LAG.labels(str(partition)).set(5)
+    predictor.on_revoked({0, 1, 2})
+    predictor.on_assigned({0, 2})
+    reported = {s.labels["partition"] for m in CONSUMER_LAG.collect() for s in m.samples}
+    assert reported == {"0", "2"}
 
 
 @pytest.mark.timeout(120)
