@@ -5,6 +5,7 @@ and the schema, then starts the services with their log lines prefixed by name. 
 ``--duration``) stops them all: SIGTERM first, so each finishes its batch and commits.
 """
 
+import fcntl
 import logging
 import os
 import signal
@@ -12,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +22,18 @@ import typer
 
 from churn_stream import storage
 from churn_stream.broker import EmbeddedBroker
-from churn_stream.errors import ChurnStreamError
+from churn_stream.errors import AlreadyRunning, ChurnStreamError
 from churn_stream.kafka_io import ensure_topics
 from churn_stream.logs import configure_logging
+from churn_stream.ports import check_can_listen, listeners
+from churn_stream.replay import open_replay
 from churn_stream.settings import Settings, get_settings, mask_url
 
 log = logging.getLogger("churn")
 ROOT = Path(__file__).resolve().parents[1]
 STOP_GRACE_S = 20.0
+LOCK_NAME = ".churn-up.lock"
+"""In the SQLite database's folder: held by a running ``churn up`` and its services."""
 
 app = typer.Typer(add_completion=False, help="Run the churn-stream stack.")
 
@@ -127,15 +133,49 @@ def up(
             producer_args.append(f"--limit-users={limit_users}")
     try:
         settings = get_settings()
-        if not keep_data:
-            set_aside_previous_run(settings)
-        failed = _up(settings, producer_args, duration)
+        if replay is not None:
+            open_replay(replay, Path(replay_config) if replay_config else None)
+        # Every check that can refuse the start comes before data/ is touched: a refused
+        # start used to set the running stack's database aside first.
+        with running_alone(settings) as lock_fd:
+            for listener in listeners(settings).values():
+                check_can_listen(listener)
+            if not keep_data:
+                set_aside_previous_run(settings)
+            failed = _up(settings, producer_args, duration, lock_fd)
     except ChurnStreamError as exc:
         # A known failure (a bad setting, a taken port, no broker) is one line, not a traceback.
         log.error("%s", exc)
         raise typer.Exit(1) from None
     if failed:
         raise typer.Exit(1)
+
+
+@contextmanager
+def running_alone(settings: Settings) -> Iterator[int]:
+    """Hold the lock of the data folder for the life of a run; yields the lock's descriptor.
+
+    ``AlreadyRunning`` if another ``churn up``, or a service one started, holds it. The lock
+    is ``flock``'s, so it ends with the last process holding the file, however that ends,
+    and a lock file left behind by a run that died holds nothing.
+    """
+    folder = settings.sqlite_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_NAME).open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise AlreadyRunning(
+                f"another `churn up` (pid {holder}) or a service it started is running on "
+                f"{folder}/: stop it first, or give this one its own SQLITE_PATH, "
+                "EMBEDDED_BROKER_PORT and service ports"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield lock.fileno()
 
 
 def set_aside_previous_run(settings: Settings) -> Path | None:
@@ -161,8 +201,9 @@ def set_aside_previous_run(settings: Settings) -> Path | None:
     return aside
 
 
-def _up(settings: Settings, producer_args: list[str], duration: float | None) -> bool:
-    """Run the stack; True if a service failed."""
+def _up(settings: Settings, producer_args: list[str], duration: float | None,
+        lock_fd: int) -> bool:
+    """Run the stack, each service holding the data folder's lock too; True if one failed."""
     with ExitStack() as stack:
         env = dict(os.environ)
         if settings.uses_embedded_broker:
@@ -177,7 +218,7 @@ def _up(settings: Settings, producer_args: list[str], duration: float | None) ->
         engine.dispose()
         services = plan_services(settings, producer_args)
         _print_directions(settings, services)
-        return _run(services, env, duration)
+        return _run(services, env, duration, lock_fd)
 
 
 def _print_directions(settings: Settings, services: list[Service]) -> None:
@@ -195,13 +236,14 @@ def _print_directions(settings: Settings, services: list[Service]) -> None:
     log.info("services:  %s; Ctrl-C stops them all", ", ".join(s.name for s in services))
 
 
-def _run(services: list[Service], env: dict[str, str], duration: float | None) -> bool:
+def _run(services: list[Service], env: dict[str, str], duration: float | None,
+         lock_fd: int) -> bool:
     stopping = threading.Event()
     failed = False
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     for service in services:
-        _start(service, env)
+        _start(service, env, lock_fd)
     deadline = time.monotonic() + duration if duration else None
     while not stopping.wait(0.5):
         if deadline and time.monotonic() > deadline:
@@ -216,7 +258,7 @@ def _run(services: list[Service], env: dict[str, str], duration: float | None) -
     return failed
 
 
-def _start(service: Service, env: dict[str, str]) -> None:
+def _start(service: Service, env: dict[str, str], lock_fd: int) -> None:
     service.process = subprocess.Popen(
         service.argv,
         cwd=ROOT,
@@ -225,6 +267,9 @@ def _start(service: Service, env: dict[str, str]) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order.
+        # A service outliving a killed ``churn up`` still uses the database: it keeps the
+        # data folder locked until it ends.
+        pass_fds=(lock_fd,),
     )
     threading.Thread(target=_relay, args=(service,), daemon=True).start()
     log.info("started %s (pid %d)", service.name, service.process.pid)

@@ -12,6 +12,10 @@ class ConfigurationError(ChurnStreamError):
     """A setting is missing or unusable; the message names the variable to change."""
 
 
+class AlreadyRunning(ChurnStreamError):
+    """Another ``churn up`` runs on the same data folder; starting would take its database."""
+
+
 class InvalidEvent(ChurnStreamError):
     """A record that is not a valid user-activity event.
 
