@@ -9,13 +9,17 @@ and topic ``churn-predictions``, watches drift and retrains in the background. H
     python predictor.py
 """
 
+from churn_stream.errors import ConfigurationError
 from churn_stream.predictor.main import run
-from churn_stream.runtime import start_service
+from churn_stream.runtime import refuse_to_start, start_service
 
 
 def main() -> None:
     settings, stopping = start_service("predictor")
-    run(settings, stopping)
+    try:
+        run(settings, stopping)
+    except ConfigurationError as exc:
+        refuse_to_start("predictor", exc)
 
 
 if __name__ == "__main__":

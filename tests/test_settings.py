@@ -1,6 +1,7 @@
 """Settings from the environment: empty means unset, a bad value stops a service in one line."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 from churn_stream.errors import ConfigurationError
 from churn_stream.settings import Settings, get_settings
+from tests.brokers import free_port
 from tests.conftest import ROOT
 
 ENTRY_POINTS = {
@@ -98,3 +100,24 @@ def test_an_unknown_log_level_is_one_error_line_and_exit_1(tmp_path: Path, name:
     assert "Traceback" not in output, output
     (line,) = [line for line in output.splitlines() if "ERROR" in line.split()]
     assert "LOG_LEVEL='LOUD'" in line and "DEBUG" in line
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("taken", ["port", "host"])
+def test_an_address_the_predictor_cannot_listen_on_is_one_error_line_naming_it(
+    tmp_path: Path, taken: str
+) -> None:
+    no_broker = f"127.0.0.1:{free_port()}"  # the address is checked before the broker
+    host = "127.0.0.1" if taken == "port" else "not_a_host"
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        done = run_with(tmp_path, ENTRY_POINTS["predictor"], PREDICTOR_PORT=str(port),
+                        PREDICTOR_HTTP_HOST=host, KAFKA_BOOTSTRAP_SERVERS=no_broker)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if "ERROR" in line.split()]
+    if taken == "port":
+        assert f"127.0.0.1:{port} (PREDICTOR_HTTP_HOST, PREDICTOR_PORT) is in use" in line
+    else:
+        assert "PREDICTOR_HTTP_HOST='not_a_host' does not resolve" in line

@@ -13,8 +13,10 @@ from kafka import KafkaConsumer
 
 from churn_stream import storage, training
 from churn_stream.drift import DriftPolicy, DriftWindow, Thresholds
+from churn_stream.errors import ConfigurationError
 from churn_stream.features import FeatureStore
 from churn_stream.kafka_io import ensure_topics, make_consumer, make_producer, subscribe_when_known
+from churn_stream.ports import check_can_listen, listeners
 from churn_stream.predictor.api_process import ApiProcess
 from churn_stream.predictor.commands import ControlListener
 from churn_stream.predictor.drift_watch import DriftWatch
@@ -81,13 +83,22 @@ def start_api(settings: Settings, instance: str, holder: ModelHolder, state: Use
     api = ApiProcess(settings.predictor_http_host, settings.predictor_port, instance,
                      settings.resolved_database_url(), holder, state,
                      retraining=lambda: retrainer.running)
-    api.start()
+    try:
+        api.start()
+    except RuntimeError as exc:
+        # The port was checked at start; something took it since, or the server failed.
+        raise ConfigurationError(f"{exc}: check PREDICTOR_HTTP_HOST and PREDICTOR_PORT") from None
     return api
 
 
 def run(settings: Settings, stopping: threading.Event) -> None:
-    """Run the predictor until ``stopping`` is set."""
+    """Run the predictor until ``stopping`` is set.
+
+    ``ConfigurationError`` if its HTTP API cannot listen where the settings say.
+    """
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    # First: a taken port or a bad host is reported at once, not after a wait for the broker.
+    check_can_listen(listeners(settings)["predictor"])
     instance = instance_name()
     engine = storage.make_engine(settings.resolved_database_url())
     storage.create_schema(engine)
