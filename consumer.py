@@ -18,9 +18,10 @@ log = logging.getLogger("consumer")
 def main() -> None:
     settings, stopping = start_service("consumer")
     serve_metrics(settings.consumer_metrics_port)
+    if not ensure_topics(settings, stopping=stopping):
+        return
     engine = storage.make_engine(settings.resolved_database_url())
     storage.create_schema(engine)
-    ensure_topics(settings)
     consumer = make_consumer(
         settings.bootstrap_servers,
         settings.consumer_group,

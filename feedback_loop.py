@@ -175,9 +175,10 @@ class FeedbackLoop:
 def main() -> None:
     settings, stopping = start_service("feedback-loop")
     serve_metrics(settings.feedback_loop_metrics_port)
+    if not ensure_topics(settings, stopping=stopping):
+        return
     engine = storage.make_engine(settings.resolved_database_url())
     storage.create_schema(engine)
-    ensure_topics(settings)
     loop = FeedbackLoop(engine, settings)
     loop.restore()
     log.info("feedback loop started: every %.0f s, policy %s",

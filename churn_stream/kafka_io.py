@@ -32,6 +32,7 @@ from tenacity import (
     retry_if_exception_type,
     retry_if_result,
     stop_after_delay,
+    stop_when_event_set,
     wait_exponential,
 )
 
@@ -206,8 +207,12 @@ def _connect(client: Any, *args: Any, **options: Any) -> Any:
         ) from exc
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
-    """Create the project's topics if they are missing; existing ones are left alone."""
+def ensure_topics(settings: Settings, timeout_s: float = 60.0,
+                  stopping: threading.Event | None = None) -> bool:
+    """Create the project's topics if they are missing; existing ones are left alone.
+
+    Returns False, topics or not, if ``stopping`` is set before it is done.
+    """
     wanted = [
         NewTopic(settings.topic_activity, settings.topic_partitions, 1),
         NewTopic(settings.topic_predictions, settings.topic_partitions, 1),
@@ -215,22 +220,32 @@ def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
         NewTopic(settings.topic_feedback, 1, 1),
         NewTopic(settings.topic_control, 1, 1),
     ]
-    create_topics(settings.bootstrap_servers, wanted, timeout_s)
+    return create_topics(settings.bootstrap_servers, wanted, timeout_s, stopping)
+
+
+ADMIN_BOOTSTRAP_TIMEOUT_MS = 2_000
+"""How long one attempt to create topics waits for the broker: a stop is seen between two
+attempts, and kafka-python's own 30 s made a SIGTERM wait that long."""
 
 
 def create_topics(
-    bootstrap_servers: str, topics: Iterable[NewTopic], timeout_s: float = 60.0
-) -> None:
-    """Create each topic unless it exists, retrying while the broker comes up."""
+    bootstrap_servers: str, topics: Iterable[NewTopic], timeout_s: float = 60.0,
+    stopping: threading.Event | None = None,
+) -> bool:
+    """Create each topic unless it exists, retrying while the broker comes up; returns False
+    if ``stopping`` is set first."""
+    stopping = stopping or threading.Event()
 
     @retry(
         retry=retry_if_exception_type(KafkaError),
         wait=wait_exponential(multiplier=0.2, max=2),
-        stop=stop_after_delay(timeout_s),
+        stop=stop_after_delay(timeout_s) | stop_when_event_set(stopping),
+        sleep=stopping.wait,
         reraise=True,
     )
     def attempt() -> None:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers,
+                                 bootstrap_timeout_ms=ADMIN_BOOTSTRAP_TIMEOUT_MS)
         try:
             existing = set(admin.list_topics())
             missing = [t for t in topics if t.name not in existing]
@@ -247,4 +262,8 @@ def create_topics(
     try:
         attempt()
     except KafkaError as exc:
+        if stopping.is_set():
+            log.info("stopped before the topics could be created on %s", bootstrap_servers)
+            return False
         raise BrokerUnavailable(f"could not create topics on {bootstrap_servers}: {exc}") from exc
+    return True

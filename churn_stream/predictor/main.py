@@ -99,10 +99,11 @@ def run(settings: Settings, stopping: threading.Event) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     # First: a taken port or a bad host is reported at once, not after a wait for the broker.
     check_can_listen(listeners(settings)["predictor"])
+    if not ensure_topics(settings, stopping=stopping):
+        return
     instance = instance_name()
     engine = storage.make_engine(settings.resolved_database_url())
     storage.create_schema(engine)
-    ensure_topics(settings)
     holder = ModelHolder()
     state = UserState(FeatureStore(), engine)
     retrainer = make_retrainer(settings, engine, instance, holder, stopping)
