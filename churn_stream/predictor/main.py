@@ -27,10 +27,12 @@ from churn_stream.predictor.training_process import train_in_process
 from churn_stream.settings import Settings
 
 log = logging.getLogger("predictor")
-# The consume loop holds the GIL in short steps; a shorter switch interval lets the HTTP
-# thread answer /predict within milliseconds while the loop is busy. 0.2 ms against 1 ms
-# (make bench, one run each): /predict p99 under load 22.1 -> 20.0 ms, event-to-prediction
-# p99 82 -> 62 ms, throughput 15,293 -> 14,446 events/s (within run-to-run spread).
+# The consume loop holds the GIL in short steps; a shorter switch interval lets the other
+# threads of this process (kafka-python's network threads, the feeds of the API and training
+# processes) have their turn within milliseconds. Measured when the HTTP API still ran on a
+# thread here, 0.2 ms against 1 ms (make bench, one run each): /predict p99 under load
+# 22.1 -> 20.0 ms, event-to-prediction p99 82 -> 62 ms, throughput 15,293 -> 14,446 events/s
+# (within run-to-run spread). Not measured again since the API moved out.
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
