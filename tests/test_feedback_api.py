@@ -153,7 +153,8 @@ def test_user_ids_either_takes_are_kept_as_sent(user_id: str) -> None:
 
 
 def test_user_id_reads_refuse_what_no_write_takes(client: TestClient) -> None:
-    for path in ("/predictions/u%00", "/predictions/%20u1", "/feedback?user_id=u%1b"):
+    for path in ("/predictions/u%00", "/predictions/%20u1", "/feedback?user_id=u%1b",
+                 "/predictions/u1%0A", "/predictions/a%0Ab"):
         response = client.get(path)
         assert response.status_code == 422, path
         assert "control characters" in response.text or "whitespace" in response.text

@@ -58,6 +58,7 @@ def test_other_routes_are_not_shadowed_and_unknown_users_are_404(api: TestClient
 @pytest.mark.parametrize(("path", "reason"), [
     ("x" * 5000, "at most 128 characters"), ("%20u000042", "whitespace"),
     ("u000042%20", "whitespace"), ("%00", "control characters"), ("", "at least 1 character"),
+    ("u000042%0A", "control characters"), ("a%0Ab", "control characters"),
 ])
 def test_an_id_no_event_could_carry_is_a_422_naming_the_field(
     api: TestClient, path: str, reason: str

@@ -9,6 +9,7 @@ from churn_stream import storage
 from churn_stream.api.feedback_routes import INVALID
 from churn_stream.api.schemas import AtRiskUser, PredictionOut, Problem, UserPredictions
 from churn_stream.events import UserId, shown_user_id
+from churn_stream.routes import USER_ID
 
 router = APIRouter(tags=["predictions"], responses=INVALID)
 
@@ -24,8 +25,8 @@ def _prediction(row: Any) -> PredictionOut:
 
 
 @router.get(
-    # ``:path`` lets a user id hold "/" (sent as %2F, which the server decodes before routing).
-    "/predictions/{user_id:path}",
+    # Any text: a user id may hold "/" (sent as %2F, which the server decodes before routing).
+    f"/predictions/{USER_ID}",
     responses={404: {"model": Problem, "description": "No score stored for this user"}},
 )
 def user_predictions(

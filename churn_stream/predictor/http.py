@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from churn_stream.events import UserId, shown_user_id
+from churn_stream.routes import USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ def create_app(serving: Serving, metrics: Callable[[], bytes] = generate_latest)
             raise HTTPException(503, "no model yet: the first training run has not finished")
         return described
 
-    # ``:path`` lets a user id hold "/" (sent as %2F, which the server decodes before routing).
-    @app.get("/predict/{user_id:path}", response_model=PredictionOut)
+    # Any text: a user id may hold "/" (sent as %2F, which the server decodes before routing).
+    @app.get(f"/predict/{USER_ID}", response_model=PredictionOut)
     async def predict(user_id: str) -> PredictionOut:
         _check(user_id)
         if not serving.has_model():
